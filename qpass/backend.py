@@ -1,0 +1,89 @@
+"""The torch.compile backend: run the qpass rewrite on each dynamo graph, then hand it to an inner backend.
+
+`backend(inner="inductor")` returns the callable; the name "qpass" is registered with dynamo so
+`torch.compile(prepared_model, backend="qpass")` works. Report rows and compile statistics are updated
+here, on every compile, because this wrapper runs even when inductor's caches skip its own passes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .rewrite import rewrite
+
+INNER = ("inductor", "aot_eager", "eager")
+
+
+def _inner_compiler(inner):
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")
+    if inner == "eager":
+        return lambda gm, example_inputs: gm.forward
+    raise ValueError(f"qpass.backend: inner must be one of {INNER} or a backend callable; got {inner!r}")
+
+
+class QpassBackend:
+    """Callable torch.compile backend. `state` (set by `qpass.compile`) attributes every graph to one model;
+    otherwise graphs are attributed to the models whose sites they contain."""
+
+    def __init__(self, inner="inductor", lowering: str = "torch-dequant", state=None):
+        self.inner_name = inner if isinstance(inner, str) else getattr(inner, "__name__", "custom")
+        self.inner = _inner_compiler(inner)
+        self.lowering = lowering
+        self.state = state
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        start = time.perf_counter()
+        sites = rewrite(gm, lowering=self.lowering)
+        compiled = self.inner(gm, example_inputs)
+        self._record(sites, time.perf_counter() - start)
+        return compiled
+
+    def _record(self, sites, elapsed: float) -> None:
+        states = {id(self.state): self.state} if self.state is not None else {}
+        for site in sites:
+            state = site.owner() if site.owner is not None else None
+            if state is not None:
+                states[id(state)] = state
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        recompile = compile_id is not None and (compile_id.frame_compile_id or 0) > 0
+        reasons = torch._dynamo.utils.graph_break_reasons
+        by_path = {site.path: site for site in sites}
+        for state in states.values():
+            stats = state.report.stats
+            stats.graphs += 1
+            stats.recompiles += int(recompile)
+            stats.compile_seconds += elapsed
+            stats.backend = f"qpass+{self.inner_name}"
+            mark = state.graph_break_mark if state.graph_break_mark <= len(reasons) else 0
+            new = reasons[mark:]
+            stats.graph_breaks += len(new)
+            for reason in new:
+                text = reason.reason.strip().splitlines()[0][:200]
+                if text not in stats.graph_break_reasons:
+                    stats.graph_break_reasons.append(text)
+            state.graph_break_mark = len(reasons)
+            for row in state.report.rows:
+                site = by_path.get(row.module)
+                if site is not None and state.sites.get(row.module) is site:
+                    row.status = "rewritten"
+                    row.base = f"{self.lowering} ({self.inner_name})"
+
+
+def backend(inner="inductor", *, lowering: str = "torch-dequant") -> QpassBackend:
+    """A torch.compile backend that rewrites qpass sites, then compiles with `inner`
+    ("inductor", "aot_eager", "eager", or any backend callable)."""
+    return QpassBackend(inner, lowering)
+
+
+@torch._dynamo.register_backend(name="qpass")
+def _qpass_backend(gm, example_inputs):
+    return QpassBackend("inductor")(gm, example_inputs)

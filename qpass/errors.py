@@ -1,0 +1,9 @@
+"""The exception types qpass raises, so users can catch qpass's own errors precisely."""
+
+
+class QpassError(ValueError):
+    """A user-facing error: the message names the field or module at fault and says what to do."""
+
+
+class AdapterLoadError(QpassError):
+    """An adapter directory or file that cannot be loaded onto this model."""

@@ -1,0 +1,59 @@
+"""Quantization matchers: one file per library, each recognising its quantized-linear classes.
+
+A matcher answers, for any module, either None (not mine), a `QuantInfo` (a site qpass can rewrite) or
+an `Unsupported` (mine, but this layout/bit width cannot be served; the reason goes in the report).
+Each matcher also says how the base matmul can be computed (`lowerings`) and implements them.
+Adding a library = adding one matcher file and listing it in `MATCHERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    library: str
+    cls_name: str
+    method: str  # "gptq" | "awq"
+    bits: int
+    group_size: int
+    sym: Optional[bool]
+    desc_act: bool
+    in_features: int
+    out_features: int
+    buffers: tuple  # names of the module tensors the base computation reads, in order
+    # How the base can be computed, best first: "torch-dequant" (plain torch, inductor fuses it) ...
+    lowerings: tuple = ("torch-dequant",)
+    matcher: object = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    library: str
+    cls_name: str
+    reason: str
+
+
+def _matchers() -> list:
+    from . import gptqmodel as _gptqmodel
+
+    return [_gptqmodel]
+
+
+def match(module: nn.Module):
+    """QuantInfo | Unsupported | None for `module`."""
+    for m in _matchers():
+        found = m.match(module)
+        if found is not None:
+            return found
+    return None
+
+
+def base_forward(info: QuantInfo, x: torch.Tensor, tensors: list) -> torch.Tensor:
+    """The quantized base computed in plain torch from the module's own buffers: y = x @ W + bias."""
+    return info.matcher.torch_forward(info, x, tensors)

@@ -1,0 +1,129 @@
+"""A site: one quantized-linear module of the model with the adapters attached to it.
+
+The site owns the math that every path shares — eager, the custom op's eager kernel, and the function
+the backend splices into the compiled graph — so there is one definition of what a site computes:
+
+    h  = input-attached adapters applied to x (OFT)       policy casts around each
+    y  = base(h)                                           library kernel or plain-torch dequant + matmul
+    y  = y (+) output-attached adapters of xa (LoRA, ...)  policy decides the dtype of each add
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import policy
+from .quant import QuantInfo, base_forward
+
+_SITES: dict = {}
+_ids = itertools.count()
+
+
+def get(site_id: int) -> "Site":
+    try:
+        return _SITES[site_id]
+    except KeyError:
+        raise RuntimeError(f"qpass site {site_id} no longer exists (its model was unprepared or freed)") from None
+
+
+@dataclass(eq=False)
+class Site:
+    path: str
+    info: QuantInfo
+    module_ref: Callable
+    id: int = field(default_factory=lambda: next(_ids))
+    # adapter name -> AdapterSlot, in attach order
+    slots: dict = field(default_factory=dict)
+    active: tuple = ("default",)
+    disabled: bool = False
+    owner: Optional[Callable] = None  # weakref to the model's QpassState
+
+    def __post_init__(self):
+        _SITES[self.id] = self
+
+    @classmethod
+    def create(cls, path: str, info: QuantInfo, module: nn.Module) -> "Site":
+        return cls(path=path, info=info, module_ref=weakref.ref(module))
+
+    def release(self) -> None:
+        _SITES.pop(self.id, None)
+
+    @property
+    def module(self) -> nn.Module:
+        module = self.module_ref()
+        if module is None:
+            raise RuntimeError(f"qpass site {self.path}: its module was freed")
+        return module
+
+    def active_names(self) -> tuple:
+        if self.disabled:
+            return ()
+        return tuple(n for n in self.active if n in self.slots)
+
+    def base_tensors(self) -> list:
+        module = self.module
+        return [getattr(module, n) for n in self.info.buffers]
+
+    # ---- the math -------------------------------------------------------------------------------
+
+    def adapter_inputs(self, x: torch.Tensor, names: tuple, training: bool) -> list:
+        """Per output-attached adapter: x cast by its policy, then dropout (PEFT's order). Done outside the
+        op so that the op itself is deterministic and its backward can recompute it."""
+        out = []
+        for name in names:
+            slot = self.slots[name]
+            if slot.spec.attach != "output":
+                continue
+            xa = policy.cast_input(self.policy(slot), x, slot.dtype)
+            if slot.dropout_p > 0 and training:
+                xa = torch.nn.functional.dropout(xa, slot.dropout_p, True)
+            out.append(xa)
+        return out
+
+    def policy(self, slot) -> str:
+        return slot.cfg.dtype_policy or slot.spec.dtype_policy
+
+    def run(self, x, xa: list, base: list, adapter: list, names: tuple, base_fn) -> torch.Tensor:
+        slots = [self.slots[n] for n in names]
+        tensors = []
+        offset = 0
+        for slot in slots:
+            n = len(slot.tensor_names)
+            tensors.append(dict(zip(slot.tensor_names, adapter[offset : offset + n])))
+            offset += n
+        h = x
+        for slot, p in zip(slots, tensors):
+            if slot.spec.attach == "input":
+                h = slot.spec.compute(policy.cast_input(self.policy(slot), h, slot.dtype), p)
+        y = base_fn(h, base)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        inputs = iter(xa)
+        for slot, p in zip(slots, tensors):
+            if slot.spec.attach == "output":
+                y = policy.add_output(self.policy(slot), y, slot.spec.compute(next(inputs), p))
+        return y
+
+    def torch_base(self, h, base):
+        return base_forward(self.info, h, base)
+
+    def library_base(self, h, base):
+        module = self.module
+        return type(module).forward(module, h)
+
+    def lowered(self, names: tuple, lowering: str = "torch-dequant"):
+        """The function the backend splices into the graph in place of this site's op node."""
+        if lowering != "torch-dequant":
+            raise ValueError(f"unknown base lowering {lowering!r}")
+
+        def fn(x, xa, base, adapter):
+            return self.run(x, list(xa), list(base), list(adapter), names, self.torch_base)
+
+        fn.__name__ = fn.__qualname__ = "qpass_site_" + self.path.replace(".", "_")
+        return fn

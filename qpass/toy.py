@@ -1,0 +1,144 @@
+"""Small quantized models built locally, with no model hub: for the quickstart, tests and benchmarks.
+
+`build_llama` makes a tiny Llama from a transformers config; `quantize_gptq` replaces its decoder
+projections with real gptqmodel layers whose packed weights come from a round-to-nearest (RTN)
+quantisation of the original weights, packed by gptqmodel's own `pack_block`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_llama(
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vocab_size: int = 256,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A randomly initialised `LlamaForCausalLM` (untied embeddings) built from a config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    return model
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx: torch.Tensor):
+    """Round-to-nearest scales and zero points per (output row, group), GPTQ convention.
+
+    Returns `scales` and `zeros` of shape (out_features, n_groups) as gptqmodel's `pack_block` expects.
+    """
+    out_features, in_features = weight.shape
+    n_groups = int(g_idx.max()) + 1
+    maxq = 2**bits - 1
+    w = weight.detach().float()
+    scales = torch.empty(out_features, n_groups)
+    zeros = torch.empty(out_features, n_groups)
+    for g in range(n_groups):
+        cols = w[:, g_idx == g]
+        lo = cols.amin(dim=1).clamp(max=0)
+        hi = cols.amax(dim=1).clamp(min=0)
+        if sym:
+            amax = torch.maximum(lo.abs(), hi)
+            scale = (2 * amax / maxq).clamp(min=1e-6)
+            zero = torch.full_like(scale, (maxq + 1) // 2)
+        else:
+            scale = ((hi - lo) / maxq).clamp(min=1e-6)
+            zero = torch.round(-lo / scale).clamp(0, maxq)
+        # pack_block stores fp16 scales; quantise against exactly those.
+        scales[:, g] = scale.half().float()
+        zeros[:, g] = zero
+    return scales, zeros
+
+
+def gptq_linear_from(
+    linear: nn.Linear,
+    *,
+    bits: int = 4,
+    group_size: int = 32,
+    sym: bool = True,
+    desc_act: bool = False,
+    seed: int = 0,
+    cls=None,
+):
+    """A gptqmodel quantized linear layer (default `TorchLinear`) packed from `linear`'s weights."""
+    if cls is None:
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear as cls
+    in_features, out_features = linear.in_features, linear.out_features
+    if desc_act:
+        # act-order: groups are assigned to a permutation of the input features, so g_idx is not monotone.
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(in_features, generator=gen)
+        g_idx = torch.empty(in_features, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(in_features) // group_size).to(torch.int32)
+    else:
+        g_idx = (torch.arange(in_features) // group_size).to(torch.int32)
+    scales, zeros = rtn_quantize(linear.weight, bits, group_size, sym, g_idx)
+    q = cls(
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        in_features=in_features,
+        out_features=out_features,
+        bias=linear.bias is not None,
+    )
+    cpu_linear = nn.Linear(in_features, out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        cpu_linear.weight.copy_(linear.weight.float())
+        if linear.bias is not None:
+            cpu_linear.bias.copy_(linear.bias.float())
+    q.pack_block(cpu_linear, scales, zeros, g_idx)
+    q.post_init()
+    q.eval()
+    return q
+
+
+def quantize_gptq(
+    model: nn.Module,
+    *,
+    bits: int = 4,
+    group_size: int = 32,
+    sym: bool = True,
+    desc_act: bool = False,
+    targets=LLAMA_PROJECTIONS,
+    cls=None,
+):
+    """Replace every decoder projection named in `targets` by a packed gptqmodel layer, in place."""
+    for i, (name, module) in enumerate(list(model.named_modules())):
+        if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(
+            parent,
+            child,
+            gptq_linear_from(module, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, seed=i, cls=cls),
+        )
+    return model
+
+
+def tiny_gptq_llama(*, bits: int = 4, group_size: int = 32, sym: bool = True, desc_act: bool = False, seed: int = 0, **llama):
+    """A tiny Llama whose 7 projections per layer are gptqmodel `TorchLinear` layers."""
+    model = build_llama(seed=seed, **llama)
+    return quantize_gptq(model, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
