@@ -109,6 +109,10 @@ def gptq_linear_from(
         if linear.bias is not None:
             cpu_linear.bias.copy_(linear.bias.float())
     q.pack_block(cpu_linear, scales, zeros, g_idx)
+    # pack_block runs under inference_mode; give the buffers normal storage so autograd can save them.
+    for name, buf in list(q._buffers.items()):
+        if buf is not None and buf.is_inference():
+            q._buffers[name] = buf.clone()
     q.post_init()
     q.eval()
     return q

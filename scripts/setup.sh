@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create ./.venv and install qpass with everything it needs, on a fresh machine (CPU, Python 3.11).
+# torch 2.14.1 is pinned (gptqmodel 7.x needs it); pip takes it from this machine's local wheel cache.
+# autoawq 0.2.9 is deprecated upstream and pins old dependencies: it is installed with --no-deps;
+# its WQLinear_GEMM layer imports and runs with the torch/transformers installed here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+pip_quiet() {  # pip, quiet on success, full log on failure
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip "$@" >"$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+}
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip_quiet install --upgrade pip
+pip_quiet install "torch==2.14.1"
+pip_quiet install -e ".[test,bench]"
+pip_quiet install --no-deps "autoawq==0.2.9"
+.venv/bin/python - <<'PY'
+import importlib.metadata as md
+print("qpass env ready:", ", ".join(f"{p} {md.version(p)}" for p in ("torch", "transformers", "gptqmodel", "peft", "autoawq")))
+PY

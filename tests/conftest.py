@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny Llamas whose projections are real gptqmodel layers packed from real weights."""
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+import qpass
+from qpass.toy import tiny_gptq_llama
+
+# Tolerances per dtype for logits of the tiny model (|logit| ~ 1): bf16/fp16 differences come from
+# operation order (inductor fuses; PEFT runs op by op), fp32 from summation order only.
+LOGIT_TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def make_model(dtype=torch.float32, **kw):
+    return tiny_gptq_llama(dtype=dtype, **kw)
+
+
+def input_ids(batch=2, seq=12, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def randomize_adapters(model, seed=0, std=0.1):
+    """Give every LoRA tensor non-zero values (B is zero at init, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)

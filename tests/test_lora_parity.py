@@ -1,0 +1,142 @@
+"""LoRA on gptqmodel TorchLinear: qpass against PEFT's GPTQLoraLinear (the oracle), in eager and compiled.
+
+A PEFT adapter with non-zero lora_B is saved to a directory; qpass loads that directory; logits,
+gradients after one optimizer step, and the adapter qpass saves back (loaded by PEFT) are compared.
+"""
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import qpass
+
+from conftest import LOGIT_TOL, input_ids, make_model
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "lora_bias": {"lora_bias": True},
+}
+
+
+def peft_model(dtype, variant, seed=0, dropout=0.0):
+    base = make_model(dtype)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL, lora_dropout=dropout, **VARIANTS[variant])
+    model = peft.get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    dirs = {}
+    for variant in VARIANTS:
+        path = tmp_path_factory.mktemp(variant)
+        peft_model(torch.float32, variant).save_pretrained(str(path))
+        dirs[variant] = path
+    return dirs
+
+
+def _close(a, b, dtype):
+    tol = LOGIT_TOL[dtype]
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= tol, f"max |Δlogit| {err:.3g} > {tol} ({dtype})"
+    return err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_peft(adapter_dirs, dtype, variant):
+    ids = input_ids()
+    reference = peft.PeftModel.from_pretrained(make_model(dtype), str(adapter_dirs[variant]))
+    with torch.no_grad():
+        ref = reference(ids).logits
+        base_only = make_model(dtype)(ids).logits
+    assert (ref.float() - base_only.float()).abs().max() > 10 * LOGIT_TOL[dtype], "adapter must change the logits"
+
+    model = qpass.prepare(make_model(dtype), str(adapter_dirs[variant]))
+    with torch.no_grad():
+        eager = model(ids).logits
+    _close(eager, ref, dtype)
+    compiled = torch.compile(model, backend=qpass.backend("inductor"))
+    with torch.no_grad():
+        out = compiled(ids).logits
+    _close(out, ref, dtype)
+    assert qpass.report(compiled).summary()["sites_rewritten"] == 14
+
+
+def _key(n):
+    """PEFT: ...q_proj.lora_A.default.weight ; qpass: ...q_proj.qpass_adapters.default.lora_A.weight"""
+    return n.replace("_orig_mod.", "").replace("base_model.model.", "").replace(".default", "").replace(".qpass_adapters", "")
+
+
+def _updates(model, ids, labels, lr=0.5):
+    """One SGD step; returns {param: after - before} for every trainable tensor."""
+    params = {_key(n): p for n, p in model.named_parameters() if p.requires_grad}
+    before = {k: p.detach().clone() for k, p in params.items()}
+    opt = torch.optim.SGD(list(params.values()), lr=lr)
+    model(input_ids=ids, labels=labels).loss.backward()
+    opt.step()
+    return {k: (p.detach() - before[k]).float() for k, p in params.items()}
+
+
+def _max_rel(a, b):
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_optimizer_step_matches_peft(adapter_dirs, dtype):
+    ids, labels = input_ids(seed=1), input_ids(seed=2)
+    path = str(adapter_dirs["lora_bias"])
+    ref = _updates(peft.PeftModel.from_pretrained(make_model(dtype), path, is_trainable=True), ids, labels)
+    model = qpass.prepare(make_model(dtype), path)
+    ours = _updates(torch.compile(model, backend=qpass.backend("inductor")), ids, labels)
+    assert set(ours) == set(ref) and len(ref) == 14 * 3
+    assert all(u.norm() > 0 for u in ref.values()), "every adapter tensor must move"
+    if dtype == torch.float32:
+        assert _max_rel(ours, ref) < 1e-3
+    else:
+        # bf16 gradients of this random model are ~5% away from fp32 ones for PEFT itself; qpass (fused by
+        # inductor, other rounding points) must be as close to the fp32 step as PEFT is, and close to PEFT.
+        exact = _updates(peft.PeftModel.from_pretrained(make_model(torch.float32), path, is_trainable=True), ids, labels)
+        peft_err, our_err = _max_rel(ref, exact), _max_rel(ours, exact)
+        assert our_err < 1.5 * peft_err + 0.01, f"qpass bf16 step error {our_err:.3f} vs PEFT's {peft_err:.3f}"
+        assert _max_rel(ours, ref) < 0.1
+
+
+def test_saved_adapter_loads_in_peft(tmp_path, adapter_dirs):
+    ids = input_ids()
+    model = qpass.prepare(make_model(), str(adapter_dirs["rslora"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.mul_(1.5)  # diverge from the loaded file, so the round trip is not trivially equal
+        ours = model(ids).logits
+    qpass.save_adapter(model, tmp_path / "saved")
+    reloaded = peft.PeftModel.from_pretrained(make_model(), str(tmp_path / "saved"))
+    assert reloaded.peft_config["default"].use_rslora
+    with torch.no_grad():
+        theirs = reloaded(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=LOGIT_TOL[torch.float32])
+    # and back into qpass, bit-exact
+    again = qpass.prepare(make_model(), str(tmp_path / "saved"))
+    for (n1, p1), (n2, p2) in zip(
+        sorted((n, p) for n, p in model.named_parameters() if p.requires_grad),
+        sorted((n, p) for n, p in again.named_parameters() if p.requires_grad),
+    ):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_peft_config_object_is_accepted():
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True)
+    model = qpass.prepare(make_model(), cfg)
+    rows = [r for r in qpass.report(model).rows if r.adapter]
+    assert len(rows) == 2 and all(r.rank == 2 for r in rows)
+    slot = model.model.layers[0].self_attn.q_proj.qpass_adapters["default"]
+    assert slot.scaling.item() == pytest.approx(4 / 2**0.5)
