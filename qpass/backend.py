@@ -74,7 +74,7 @@ class QpassBackend:
             for row in state.report.rows:
                 site = by_path.get(row.module)
                 if site is not None and state.sites.get(row.module) is site:
-                    row.status = "rewritten"
+                    row.status = "rewritten" if row.adapter else "rewritten (base only: not in target_modules)"
                     row.base = f"{self.lowering} ({self.inner_name})"
 
 

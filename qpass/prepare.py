@@ -1,9 +1,12 @@
-"""`prepare`: attach an adapter to every targeted quantized site, in eager, on the model itself.
+"""`prepare`: make every quantized layer a traceable site and attach an adapter, in eager, on the model itself.
 
-Parameters are created here, before any tracing, as ordinary submodules of the quantized layer
-(`<layer>.qpass_adapters.<adapter_name>`), so state_dict, optimizers, DDP and dynamo's guards all see
-them. Each site's `forward` is replaced (on the instance) by one that, under torch.compile, calls the
-`qpass::site` op — one graph node per site — and in eager runs the library's kernel plus the spec's math.
+Every quantized layer qpass recognises becomes a site: its `forward` is replaced (on the instance) by one
+that, under torch.compile, calls the `qpass::site` op — one graph node per layer, no library code traced,
+no graph break — and in eager runs the library's kernel plus the adapters' math. Layers the config does
+not target are sites too (base only), so they do not break the graph either.
+
+Adapter parameters are created here, before any tracing, as ordinary submodules of the quantized layer
+(`<layer>.qpass_adapters.<adapter_name>`), so state_dict, optimizers, DDP and dynamo's guards see them.
 
 Everything that can be checked is checked before the model is touched; if anything still fails while
 attaching, every change is undone, so a failed prepare leaves the model exactly as it was.
@@ -14,7 +17,6 @@ from __future__ import annotations
 import types
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ SLOTS_ATTR = "qpass_adapters"
 class QpassState:
     """What qpass keeps on a prepared model (as `model._qpass`)."""
 
-    sites: dict  # path -> Site
+    sites: dict  # path -> Site (every recognised quantized layer)
     configs: dict  # adapter name -> AdapterConfig
     report: Report
     requires_grad_before: dict = field(default_factory=dict)
@@ -58,9 +60,7 @@ def state_of(model: nn.Module) -> QpassState:
 def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
     site: Site = self._qpass_site
     if x.shape[-1] != site.info.in_features:
-        raise QpassError(
-            f"{site.path}: input has {x.shape[-1]} features, the layer expects {site.info.in_features}"
-        )
+        raise QpassError(f"{site.path}: input has {x.shape[-1]} features, the layer expects {site.info.in_features}")
     names = site.active_names()
     slots = self.qpass_adapters
     if torch.compiler.is_compiling():
@@ -68,70 +68,92 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
         adapter = [t for n in names for t in slots[n].tensors()]
         return torch.ops.qpass.site(x, xa, site.base_tensors(), adapter, site.id, join_names(names))
     if not names:
-        return type(self).forward(self, x)
+        return site.eager_base(x)
     xa = site.adapter_inputs(x, names, self.training)
     adapter = [t for n in names for t in slots[n].tensors()]
-    return site.run(x, xa, [], adapter, names, site.library_base)
+    return site.run(x, xa, site.base_tensors(), adapter, names, site.eager_base_fn)
 
 
-def _device_of(module: nn.Module, info: QuantInfo) -> torch.device:
-    return getattr(module, info.buffers[0]).device
+# ---- resolving what to attach ----------------------------------------------------------------------
 
 
-def _build_slots(candidates, cfg: AdapterConfig, spec, adapter_dtype) -> dict:
-    """path -> AdapterSlot for every targeted, supported site; raises naming the site on any check."""
+def _resolve(adapter):
+    """(config, weights or None, source) from a config object, a peft config, or an adapter directory."""
+    if adapter_io.is_adapter_path(adapter):
+        return adapter_io.read_config(adapter), adapter_io.read_weights(adapter), str(adapter)
+    return to_config(adapter), None, "config"
+
+
+def _no_target_error(cfg, candidates) -> QpassError:
+    quantized = [c.path for c in candidates if c.info is not None]
+    if not quantized:
+        return QpassError("the model has no quantized linear layer qpass recognises (gptqmodel / autoawq); nothing to adapt")
+    plain = [c.path for c in candidates if c.info is None]
+    hint = f" (it matched only non-quantized layers: {plain[:4]})" if plain else ""
+    names = sorted({p.rsplit(".", 1)[-1] for p in quantized})
+    return QpassError(
+        f"target_modules={cfg.target_modules!r} matches no quantized layer{hint}. "
+        f"Quantized layers: {names} (e.g. {quantized[0]!r}); set target_modules to some of them or 'all-linear'"
+    )
+
+
+def _build_slots(targeted, cfg: AdapterConfig, spec, adapter_dtype) -> dict:
+    """path -> AdapterSlot for every targeted site; raises naming the site on any failed check."""
     slots = {}
-    for c in candidates:
-        if not c.targeted or not isinstance(c.info, QuantInfo):
-            continue
+    for c in targeted:
         info = c.info
         shape = SiteShape(c.path, info.in_features, info.out_features, info.bits, info.group_size, info.method)
         site_cfg = cfg.for_site(c.path)
         if info.method not in spec.formats:
             raise QpassError(f"{c.path}: adapter {spec.name!r} does not support {info.method} layers ({info.cls_name})")
         spec.check(shape, site_cfg)
-        slots[c.path] = AdapterSlot(spec, site_cfg, shape, adapter_dtype, _device_of(c.module, info))
+        device = getattr(c.module, info.buffers[0]).device
+        slots[c.path] = AdapterSlot(spec, site_cfg, shape, adapter_dtype, device)
     return slots
 
 
-def _load_into(slots: dict, weights: dict, source: str) -> None:
+def _load_into(slots: dict, weights: dict, source: str, skipped: dict) -> None:
     expected = {f"{path}.{name}": (slot, name) for path, slot in slots.items() for name in slot.param_names}
     unknown = sorted(set(weights) - set(expected))
     if unknown:
+        on_skipped = sorted({k.rsplit(".", 2)[0] for k in unknown} & set(skipped))
+        if on_skipped:
+            raise AdapterLoadError(
+                f"{source}: the adapter has weights for {on_skipped[:3]}, which qpass cannot serve "
+                f"({skipped[on_skipped[0]]}); loading without them would silently change the model"
+            )
         raise AdapterLoadError(
-            f"{source}: {len(unknown)} tensor(s) belong to no rewritten site of this model, e.g. {unknown[:3]}; "
-            "was the adapter trained for another base model or other target_modules?"
+            f"{source}: {len(unknown)} tensor(s) belong to no targeted layer of this model, e.g. {unknown[:3]}; "
+            "was the adapter trained for another base model?"
         )
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise AdapterLoadError(f"{source}: missing tensor(s) {missing[:3]} ({len(missing)} in all); the adapter file is incomplete")
     for key, (slot, name) in expected.items():
-        target = slot.get(name)
-        value = weights[key]
-        if tuple(value.shape) != tuple(target.shape):
+        have, want = tuple(weights[key].shape), tuple(slot.get(name).shape)
+        if have != want:
             raise AdapterLoadError(
-                f"{source}: {key} has shape {tuple(value.shape)}, this model needs {tuple(target.shape)}; "
-                "the adapter was trained for another base model or rank"
+                f"{source}: {key} has shape {have}, this model needs {want}; the adapter was trained for another base model or rank"
             )
     with torch.no_grad():
         for key, (slot, name) in expected.items():
             slot.get(name).copy_(weights[key])
 
 
-def _rows(candidates, slots: dict, spec, cfg: AdapterConfig, adapter_name: str) -> list:
+def _rows(candidates) -> list:
     rows = []
     for c in candidates:
-        info = c.info
-        if isinstance(info, QuantInfo):
-            slot = slots.get(c.path)
-            status = "prepared" if slot is not None else "skipped: not in target_modules"
-            rows.append(Row.for_site(c.path, info, spec if slot else None, slot, adapter_name, status))
-        elif isinstance(info, Unsupported):
-            status = f"skipped: {info.reason}" if c.targeted else "skipped: not in target_modules"
-            rows.append(Row.unsupported(c.path, info.library, info.cls_name, status))
+        if isinstance(c.info, QuantInfo):
+            rows.append(Row.for_site(c.path, c.info))
+        elif isinstance(c.info, Unsupported):
+            reason = f"skipped: {c.info.reason}" if c.targeted else "skipped: not in target_modules"
+            rows.append(Row.unsupported(c.path, c.info.library, c.info.cls_name, reason))
         else:
             rows.append(Row.unsupported(c.path, "torch", c.cls_name, "skipped: not a quantized layer"))
     return rows
+
+
+# ---- the public entry --------------------------------------------------------------------------------
 
 
 def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -144,80 +166,99 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
     if not isinstance(model, nn.Module):
         raise QpassError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if getattr(model, "_qpass", None) is not None:
-        raise QpassError("this model is already prepared by qpass; prepare a fresh model")
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise QpassError(f"adapter_name must be a Python identifier; got {adapter_name!r}")
-
-    weights = None
-    source = "config"
-    if adapter_io.is_adapter_path(adapter):
-        source = str(adapter)
-        cfg = adapter_io.read_config(adapter)
-        weights = adapter_io.read_weights(adapter)
-    else:
-        cfg = to_config(adapter)
+        raise QpassError("this model is already prepared by qpass; use qpass.load_adapter(model, path, name) to add an adapter")
+    _check_name(adapter_name)
+    cfg, weights, source = _resolve(adapter)
     spec = spec_for(cfg)
-
     candidates = discover(model, cfg)
     targeted = [c for c in candidates if c.targeted and isinstance(c.info, QuantInfo)]
     if not targeted:
-        quantized = [c.path for c in candidates if c.info is not None]
-        if not quantized:
-            raise QpassError("the model has no quantized linear layer qpass recognises (gptqmodel GPTQ); nothing to adapt")
-        plain = [c.path for c in candidates if c.info is None]
-        hint = f" (it matched only non-quantized layers: {plain[:4]})" if plain else ""
-        names = sorted({p.rsplit(".", 1)[-1] for p in quantized})
-        raise QpassError(
-            f"target_modules={cfg.target_modules!r} matches no quantized layer{hint}. "
-            f"Quantized layers: {names} (e.g. {quantized[0]!r}); set target_modules to some of them or 'all-linear'"
-        )
-    slots = _build_slots(candidates, cfg, spec, adapter_dtype)
+        raise _no_target_error(cfg, candidates)
+    slots = _build_slots(targeted, cfg, spec, adapter_dtype)
     if weights is not None:
-        _load_into(slots, weights, source)
+        skipped = {c.path: c.info.reason for c in candidates if isinstance(c.info, Unsupported)}
+        _load_into(slots, weights, source, skipped)
 
-    rows = _rows(candidates, slots, spec, cfg, adapter_name)
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
-    sites = {}
-    touched = []
+    sites: dict = {}
+    undo = _Undo(model, requires_grad_before)
     try:
-        for c in targeted:
-            site = Site.create(c.path, c.info, c.module)
-            sites[c.path] = site
-            container = nn.ModuleDict({adapter_name: slots[c.path]})
-            c.module.add_module(SLOTS_ATTR, container)
-            touched.append(c.module)
-            site.slots = container
-            site.active = (adapter_name,)
-            c.module._qpass_site = site
-            c.module.forward = types.MethodType(_site_forward, c.module)
-        adapter_params = {id(p) for s in slots.values() for p in s.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in adapter_params)
-        report = Report(rows=rows, model=model)
-        state = QpassState(sites=sites, configs={adapter_name: cfg}, report=report,
-                           requires_grad_before=requires_grad_before,
-                           graph_break_mark=len(torch._dynamo.utils.graph_break_reasons))
+        for c in candidates:
+            if isinstance(c.info, QuantInfo):
+                sites[c.path] = _make_site(c, undo)
+        state = QpassState(
+            sites=sites, configs={}, report=Report(rows=_rows(candidates), model=model),
+            requires_grad_before=requires_grad_before, graph_break_mark=len(torch._dynamo.utils.graph_break_reasons),
+        )
         for site in sites.values():
             site.owner = weakref.ref(state)
+        _install(state, model, cfg, slots, adapter_name)
         model._qpass = state
+        undo.attrs.append((model, "_qpass"))
     except BaseException:
-        _undo(model, touched, sites, requires_grad_before)
+        undo()
         raise
     return model
 
 
-def _undo(model, touched, sites, requires_grad_before) -> None:
-    for module in touched:
-        for attr in (SLOTS_ATTR,):
-            if attr in module._modules:
-                del module._modules[attr]
-        for attr in ("forward", "_qpass_site"):
-            if attr in module.__dict__:
-                del module.__dict__[attr]
-    for site in sites.values():
-        site.release()
-    for name, p in model.named_parameters():
-        if name in requires_grad_before:
-            p.requires_grad_(requires_grad_before[name])
-    if "_qpass" in model.__dict__:
-        del model.__dict__["_qpass"]
+def _check_name(adapter_name) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise QpassError(f"adapter_name must be a Python identifier; got {adapter_name!r}")
+
+
+def _make_site(c, undo: "_Undo") -> Site:
+    module = c.module
+    site = Site.create(c.path, c.info, module)
+    undo.sites.append(site)
+    # Buffers made under inference_mode (gptqmodel packs that way) cannot be saved for backward.
+    for name in c.info.buffers:
+        buf = module._buffers.get(name)
+        if buf is not None and buf.is_inference():
+            undo.buffers.append((module, name, buf))
+            module._buffers[name] = buf.clone()
+    module.add_module(SLOTS_ATTR, nn.ModuleDict())
+    undo.modules.append((module, SLOTS_ATTR))
+    site.slots = module._modules[SLOTS_ATTR]
+    site.active = ()
+    module._qpass_site = site
+    module.forward = types.MethodType(_site_forward, module)
+    undo.attrs += [(module, "_qpass_site"), (module, "forward")]
+    return site
+
+
+def _install(state: QpassState, model: nn.Module, cfg, slots: dict, adapter_name: str) -> None:
+    """Put the built slots on their sites, make them the active adapter, and freeze everything else."""
+    for path, slot in slots.items():
+        site = state.sites[path]
+        site.slots[adapter_name] = slot
+        site.active = (adapter_name,)
+    state.configs[adapter_name] = cfg
+    adapter_params = {id(p) for s in slots.values() for p in s.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter_params)
+    for row in state.report.rows:
+        slot = slots.get(row.module)
+        if slot is not None:
+            row.add_adapter(adapter_name, slot)
+
+
+class _Undo:
+    """Everything prepare changed, to put back on failure."""
+
+    def __init__(self, model, requires_grad_before):
+        self.model = model
+        self.requires_grad_before = requires_grad_before
+        self.sites, self.buffers, self.modules, self.attrs = [], [], [], []
+
+    def __call__(self) -> None:
+        for module, attr in reversed(self.attrs):
+            module.__dict__.pop(attr, None)
+        for module, name in self.modules:
+            module._modules.pop(name, None)
+        for module, name, buf in self.buffers:
+            module._buffers[name] = buf
+        for site in self.sites:
+            site.release()
+        for name, p in self.model.named_parameters():
+            if name in self.requires_grad_before:
+                p.requires_grad_(self.requires_grad_before[name])

@@ -35,16 +35,22 @@ class Row:
     method: Optional[str] = None
 
     @classmethod
-    def for_site(cls, path, info, spec, slot, adapter_name, status):
-        row = cls(path, info.library, info.cls_name, info.bits, info.group_size, info.in_features, info.out_features,
-                  status=status, method=info.method)
-        if slot is not None:
-            row.adapter = f"{spec.name}:{adapter_name}"
-            row.rank = spec.rank(slot.cfg)
-            row.dtype_policy = slot.cfg.dtype_policy or spec.dtype_policy
-            row.added_params = sum(p.numel() for p in slot.parameters())
-            row.base = "library kernel (eager)"
-        return row
+    def for_site(cls, path, info):
+        """A recognised quantized layer: it becomes a site (base only until an adapter targets it)."""
+        return cls(path, info.library, info.cls_name, info.bits, info.group_size, info.in_features, info.out_features,
+                   status="prepared (base only: not in target_modules)", method=info.method,
+                   base="torch dequant (eager)" if getattr(info, "eager_base", "library") == "torch" else "library kernel (eager)")
+
+    def add_adapter(self, adapter_name, slot) -> None:
+        spec = slot.spec
+        label = f"{spec.name}:{adapter_name}"
+        self.adapter = label if not self.adapter else f"{self.adapter}, {label}"
+        rank = spec.rank(slot.cfg)
+        self.rank = rank if self.rank is None else f"{self.rank}, {rank}"
+        policy = slot.cfg.dtype_policy or spec.dtype_policy
+        self.dtype_policy = policy if not self.dtype_policy or self.dtype_policy == policy else f"{self.dtype_policy}, {policy}"
+        self.added_params += sum(p.numel() for p in slot.parameters())
+        self.status = "prepared"
 
     @classmethod
     def unsupported(cls, path, library, cls_name, status):
@@ -84,14 +90,16 @@ class Report:
         return params + quantized
 
     def summary(self) -> dict:
-        rewritten = sum(r.status == "rewritten" for r in self.rows)
-        prepared = sum(r.status in ("rewritten", "prepared") for r in self.rows)
+        rewritten = sum(r.status.startswith("rewritten") and r.adapter is not None for r in self.rows)
+        prepared = sum(r.adapter is not None for r in self.rows)
+        base_only = sum(r.adapter is None and not r.status.startswith("skipped") for r in self.rows)
         skipped = sum(r.status.startswith("skipped") for r in self.rows)
         trainable = self.trainable_params()
         total = self.total_weights()
         return {
             "sites_rewritten": rewritten,
             "sites_prepared": prepared,
+            "sites_base_only": base_only,
             "sites_skipped": skipped,
             "trainable_params": trainable,
             "trainable_percent": 100.0 * trainable / total if total else 0.0,
@@ -117,8 +125,8 @@ class Report:
         lines = [
             table,
             "",
-            f"sites: {s['sites_rewritten']} rewritten, {s['sites_prepared'] - s['sites_rewritten']} prepared but not "
-            f"yet compiled, {s['sites_skipped']} skipped",
+            f"sites: {s['sites_rewritten']} rewritten with adapters, {s['sites_prepared'] - s['sites_rewritten']} prepared "
+            f"but not yet compiled, {s['sites_base_only']} base only (traceable, no adapter), {s['sites_skipped']} skipped",
             f"trainable parameters: {s['trainable_params']:,} ({s['trainable_percent']:.3f}% of the model's weights)",
             f"compile: backend {s['backend'] or '-'}, {s['graphs']} graph(s), {s['graph_breaks']} graph break(s), "
             f"{s['recompiles']} recompile(s), {s['compile_seconds']:.2f} s in the qpass backend",

@@ -78,6 +78,8 @@ class Site:
         out = []
         for name in names:
             slot = self.slots[name]
+            if slot.spec.before_forward is not None:  # in-place upkeep of the slot's tensors (COFT, OFT block dropout)
+                slot.spec.before_forward(slot, training)
             if slot.spec.attach != "output":
                 continue
             xa = policy.cast_input(self.policy(slot), x, slot.dtype)
@@ -100,22 +102,32 @@ class Site:
         h = x
         for slot, p in zip(slots, tensors):
             if slot.spec.attach == "input":
-                h = slot.spec.compute(policy.cast_input(self.policy(slot), h, slot.dtype), p)
+                h = slot.spec.apply(policy.cast_input(self.policy(slot), h, slot.dtype), p, slot.cfg)
+                if h.dtype != x.dtype:  # the base runs in the model's dtype (PEFT: rotate, cast back, base)
+                    h = h.to(x.dtype)
         y = base_fn(h, base)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         inputs = iter(xa)
         for slot, p in zip(slots, tensors):
             if slot.spec.attach == "output":
-                y = policy.add_output(self.policy(slot), y, slot.spec.compute(next(inputs), p))
+                y = policy.add_output(self.policy(slot), y, slot.spec.apply(next(inputs), p, slot.cfg))
         return y
 
     def torch_base(self, h, base):
         return base_forward(self.info, h, base)
 
-    def library_base(self, h, base):
+    def eager_base(self, h):
+        """The base outside torch.compile: the library's own kernel (PEFT's numerics exactly), unless the
+        matcher says that kernel cannot serve here (`QuantInfo.eager_base == "torch"`: no CPU kernel, no
+        backward, or it repacks its buffers in place) — then the same plain-torch base as under compile."""
+        if self.info.eager_base == "torch":
+            return self.torch_base(h, self.base_tensors())
         module = self.module
         return type(module).forward(module, h)
+
+    def eager_base_fn(self, h, base):
+        return self.eager_base(h)
 
     def lowered(self, names: tuple, lowering: str = "torch-dequant"):
         """The function the backend splices into the graph in place of this site's op node."""
