@@ -108,7 +108,14 @@ def gptq_linear_from(
         cpu_linear.weight.copy_(linear.weight.float())
         if linear.bias is not None:
             cpu_linear.bias.copy_(linear.bias.float())
-    q.pack_block(cpu_linear, scales, zeros, g_idx)
+    try:
+        q.pack_block(cpu_linear, scales, zeros, g_idx)
+    except NotImplementedError:  # load-only classes (TorchInt8Linear): load TorchLinear's packed tensors
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+        packer = gptq_linear_from(linear, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, seed=seed,
+                                  cls=TorchLinear)
+        q.load_state_dict({k: v.clone() for k, v in packer.state_dict().items() if k in q.state_dict()})
     # pack_block runs under inference_mode; give the buffers normal storage so autograd can save them.
     for name, buf in list(q._buffers.items()):
         if buf is not None and buf.is_inference():
@@ -146,3 +153,73 @@ def tiny_gptq_llama(*, bits: int = 4, group_size: int = 32, sym: bool = True, de
     """A tiny Llama whose 7 projections per layer are gptqmodel `TorchLinear` layers."""
     model = build_llama(seed=seed, **llama)
     return quantize_gptq(model, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+
+
+# ---- AWQ (AutoAWQ's WQLinear_GEMM, gptqmodel's AWQ classes) -------------------------------------------
+
+
+def awq_rtn(weight: torch.Tensor, bits: int, group_size: int):
+    """Asymmetric round-to-nearest per (group of inputs, output), AWQ convention: W ≈ (q - z) * s.
+
+    Returns `scales`, `zeros` of shape (n_groups, out_features) and the weight clamped to the representable
+    range (the AWQ packers round without clamping, so a code must not fall outside [0, 2**bits - 1]).
+    """
+    out_features, in_features = weight.shape
+    maxq = 2**bits - 1
+    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    lo = w.amin(dim=2).clamp(max=0)
+    hi = w.amax(dim=2).clamp(min=0)
+    scales = ((hi - lo) / maxq).clamp(min=1e-5).half().float()  # stored as fp16: quantise against those
+    zeros = torch.round(-lo / scales).clamp(0, maxq)
+    clamped = torch.maximum(torch.minimum(w, ((maxq - zeros) * scales).unsqueeze(2)), (-zeros * scales).unsqueeze(2))
+    return scales.t().contiguous(), zeros.t().contiguous(), clamped.reshape(out_features, in_features)
+
+
+def awq_linear_from(linear: nn.Linear, *, bits: int = 4, group_size: int = 32, cls=None):
+    """An AWQ layer packed from `linear` by the library's own packer: AutoAWQ's `WQLinear_GEMM.from_linear`
+    (default), or a gptqmodel AWQ class (`cls=AwqTorchLinear`, `TorchFusedAwqLinear`, ...) via its `pack`."""
+    scales, zeros, clamped = awq_rtn(linear.weight, bits, group_size)
+    cpu_linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        cpu_linear.weight.copy_(clamped)
+        if linear.bias is not None:
+            cpu_linear.bias.copy_(linear.bias.float())
+    if cls is None:
+        from awq.modules.linear.gemm import WQLinear_GEMM
+
+        q = WQLinear_GEMM.from_linear(cpu_linear, bits, group_size, init_only=False, scales=scales, zeros=zeros)
+    else:
+        from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+        def make(c):
+            return c(bits=bits, group_size=group_size, sym=False, desc_act=False, in_features=linear.in_features,
+                     out_features=linear.out_features, bias=linear.bias is not None, register_buffers=True)
+
+        packer = make(cls if hasattr(cls, "pack") else AwqTorchLinear)
+        packer.pack(cpu_linear, scales.t().contiguous(), zeros.t().contiguous())
+        q = packer
+        if not isinstance(q, cls):  # kernel-only classes load packed tensors, as from a checkpoint
+            q = make(cls)
+            q.load_state_dict({k: v.clone() for k, v in packer.state_dict().items()})
+        for name, buf in list(q._buffers.items()):
+            if buf is not None and buf.is_inference():
+                q._buffers[name] = buf.clone()
+        q.post_init()
+    q.eval()
+    return q
+
+
+def quantize_awq(model: nn.Module, *, bits: int = 4, group_size: int = 32, targets=LLAMA_PROJECTIONS, cls=None):
+    """Replace every decoder projection named in `targets` by a packed AWQ layer, in place."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, awq_linear_from(module, bits=bits, group_size=group_size, cls=cls))
+    return model
+
+
+def tiny_awq_llama(*, bits: int = 4, group_size: int = 32, seed: int = 0, cls=None, **llama):
+    """A tiny Llama whose 7 projections per layer are AWQ layers (AutoAWQ WQLinear_GEMM by default)."""
+    model = build_llama(seed=seed, **llama)
+    return quantize_awq(model, bits=bits, group_size=group_size, cls=cls)

@@ -33,10 +33,10 @@ def test_dequant_matches_gptqmodel(bits, sym, desc_act, group_size):
 
 
 def test_unsupported_bits_are_reported_not_rewritten():
-    q = gptq_linear_from(torch.nn.Linear(64, 64), bits=3, group_size=32)
+    q = gptq_linear_from(torch.nn.Linear(64, 64), bits=5, group_size=32)  # 5-bit exists only planar
     found = match(q)
     assert not isinstance(found, QuantInfo)
-    assert "3-bit" in found.reason
+    assert "5-bit planar" in found.reason
 
 
 def test_plain_linear_is_not_a_site():

@@ -30,6 +30,9 @@ class QuantInfo:
     # How the base can be computed, best first: "torch-dequant" (plain torch, inductor fuses it) ...
     lowerings: tuple = ("torch-dequant",)
     matcher: object = field(default=None, compare=False, repr=False)
+    # Base computation outside torch.compile: "library" (the layer's own forward) or "torch" (`torch_forward`),
+    # for layers whose own forward cannot run here (no CPU kernel, no backward) or repacks its buffers in place.
+    eager_base: str = "library"
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,11 @@ class Unsupported:
 
 
 def _matchers() -> list:
+    from . import autoawq as _autoawq
     from . import gptqmodel as _gptqmodel
+    from . import gptqmodel_awq as _gptqmodel_awq
 
-    return [_gptqmodel]
+    return [_gptqmodel, _gptqmodel_awq, _autoawq]
 
 
 def match(module: nn.Module):

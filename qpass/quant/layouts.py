@@ -1,0 +1,90 @@
+"""Base computations for the weight layouts more than one library/class holds, in plain torch.
+
+A matcher points `QuantInfo.matcher` at one of these namespaces; each offers
+`torch_forward(info, x, tensors)` with `tensors` the module's `info.buffers`, in that order.
+
+- `awq`: AWQ GEMM layout — qweight (in, out*bits/32), qzeros (groups, out*bits/32), scales (groups, out);
+  4-bit words interleaved in AutoAWQ's order, other widths a contiguous bit stream (gptqmodel).
+  W[k, n] = (q[k, n] - z[k // group, n]) * s[k // group, n]: `awq.utils.packing_utils.dequantize_gemm`.
+- `int4pack_cpu`: what gptqmodel's CPU fused classes hold after their first eval forward — qweight in
+  aten's int4pack layout, `scales_and_zeros` (groups, out, 2), optional `ret_idx` (act-order permutation of
+  the input); W[k', n] = (q[n, k'] - 8) * scale + zero, y = x[..., ret_idx] @ W.
+- `int8_channel`: gptqmodel's TorchInt8Linear — int8 (out, in) weights and one scale per output channel.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu, unpack_stream
+
+
+def _named(info, tensors) -> dict:
+    return dict(zip(info.buffers, tensors))
+
+
+def _add_bias(out, named):
+    bias = named.get("bias")
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+# ---- AWQ GEMM ---------------------------------------------------------------------------------------
+
+
+def awq_dequantize(info, qweight, qzeros, scales) -> torch.Tensor:
+    """(in_features, out_features) in the scales' dtype, as AWQ's `dequantize_gemm` computes it."""
+    n = info.out_features
+    q = unpack_stream(qweight, info.bits, dim=1, count=n)
+    z = unpack_stream(qzeros, info.bits, dim=1, count=n)
+    if info.bits == 4:
+        q, z = awq_interleave(q), awq_interleave(z)
+    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    g = torch.arange(info.in_features, device=qweight.device) // group
+    return (q - z[g]).to(scales.dtype) * scales[g]
+
+
+def _awq_forward(info, x, tensors):
+    named = _named(info, tensors)
+    weight = awq_dequantize(info, named["qweight"], named["qzeros"], named["scales"]).to(x.dtype)
+    return _add_bias(torch.matmul(x, weight), named)
+
+
+awq = SimpleNamespace(name="awq-gemm", torch_forward=_awq_forward, dequantize=awq_dequantize)
+
+
+# ---- aten int4pack (CPU) ----------------------------------------------------------------------------
+
+
+def int4pack_dequantize(info, qweight, scales_and_zeros) -> torch.Tensor:
+    """(in_features, out_features) float32, in the *permuted* input order the kernel consumes."""
+    codes = unpack_int4pack_cpu(qweight, info.out_features, info.in_features, int4pack_block_n())
+    scale = scales_and_zeros[..., 0].float()
+    zero = scales_and_zeros[..., 1].float()
+    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    g = torch.arange(info.in_features, device=qweight.device) // group
+    return (codes.t() - 8).float() * scale[g] + zero[g]
+
+
+def _int4pack_forward(info, x, tensors):
+    named = _named(info, tensors)
+    if "ret_idx" in named:
+        x = x.index_select(-1, named["ret_idx"].long())
+    weight = int4pack_dequantize(info, named["qweight"], named["scales_and_zeros"]).to(x.dtype)
+    return _add_bias(torch.matmul(x, weight), named)
+
+
+int4pack_cpu = SimpleNamespace(name="aten-int4pack-cpu", torch_forward=_int4pack_forward, dequantize=int4pack_dequantize)
+
+
+# ---- int8 per output channel ------------------------------------------------------------------------
+
+
+def _int8_forward(info, x, tensors):
+    named = _named(info, tensors)
+    weight = named["int8_weight_nk"].to(x.dtype) * named["int8_channel_scale"].to(x.dtype).unsqueeze(1)
+    return _add_bias(torch.matmul(x, weight.t()), named)
+
+
+int8_channel = SimpleNamespace(name="int8-per-channel", torch_forward=_int8_forward)
