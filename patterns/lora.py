@@ -29,8 +29,8 @@ def init_B(cfg):
 
 def params(site, cfg):
     p = {
-        "lora_A.weight": Param((cfg.r, site.in_features), init_A(cfg)),
-        "lora_B.weight": Param((site.out_features, cfg.r), init_B(cfg)),
+        "lora_A.weight": Param((cfg.r, site.in_features), init_A(cfg), rank_dim=0),
+        "lora_B.weight": Param((site.out_features, cfg.r), init_B(cfg), rank_dim=1),
     }
     if cfg.lora_bias:
         p["lora_B.bias"] = Param((site.out_features,), torch.nn.init.zeros_)

@@ -11,14 +11,15 @@ from .errors import QpassError
 from .prepare import prepare, state_of, unwrap
 
 
-def compile(model: nn.Module, adapter, *, adapter_name: str = "default", inner: str = "inductor", **torch_compile_kwargs):
+def compile(model: nn.Module, adapter, *, adapter_name: str = "default", inner: str = "inductor", max_rank=None,
+            **torch_compile_kwargs):
     """`prepare(model, adapter)` then `torch.compile` with the qpass backend; returns the compiled module.
 
     Extra keyword arguments go to `torch.compile` (e.g. `dynamic=True`, `fullgraph=True`, `mode=...`).
     """
     if "backend" in torch_compile_kwargs:
         raise QpassError("qpass.compile chooses the backend; pass inner='inductor'|'aot_eager'|'eager' instead of backend=")
-    prepare(model, adapter, adapter_name=adapter_name)
+    prepare(model, adapter, adapter_name=adapter_name, max_rank=max_rank)
     state = state_of(model)
     return torch.compile(model, backend=QpassBackend(inner, state=state), **torch_compile_kwargs)
 
@@ -38,8 +39,8 @@ def save_adapter(model: nn.Module, path, *, adapter_name: str = "default") -> No
         if adapter_name not in site.slots:
             continue
         slot = site.slots[adapter_name]
-        for name in slot.param_names:
-            tensors[f"{path_}.{name}"] = slot.get(name)
+        for name, tensor in slot.export(state.configs[adapter_name]).items():
+            tensors[f"{path_}.{name}"] = tensor
     base = unwrap(model)
     config = getattr(base, "config", None)
     task_type = "CAUSAL_LM" if type(base).__name__.endswith("ForCausalLM") else None

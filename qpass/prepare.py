@@ -17,6 +17,7 @@ from __future__ import annotations
 import types
 import weakref
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -43,6 +44,8 @@ class QpassState:
     report: Report
     requires_grad_before: dict = field(default_factory=dict)
     graph_break_mark: int = 0
+    max_rank: Optional[int] = None
+    adapter_dtype: torch.dtype = torch.float32
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -97,7 +100,7 @@ def _no_target_error(cfg, candidates) -> QpassError:
     )
 
 
-def _build_slots(targeted, cfg: AdapterConfig, spec, adapter_dtype) -> dict:
+def _build_slots(targeted, cfg: AdapterConfig, spec, adapter_dtype, max_rank=None) -> dict:
     """path -> AdapterSlot for every targeted site; raises naming the site on any failed check."""
     slots = {}
     for c in targeted:
@@ -107,13 +110,19 @@ def _build_slots(targeted, cfg: AdapterConfig, spec, adapter_dtype) -> dict:
         if info.method not in spec.formats:
             raise QpassError(f"{c.path}: adapter {spec.name!r} does not support {info.method} layers ({info.cls_name})")
         spec.check(shape, site_cfg)
+        if max_rank is not None and spec.rank(site_cfg) > max_rank:
+            raise QpassError(f"{c.path}: rank {spec.rank(site_cfg)} exceeds max_rank={max_rank}; raise max_rank")
         device = getattr(c.module, info.buffers[0]).device
-        slots[c.path] = AdapterSlot(spec, site_cfg, shape, adapter_dtype, device)
+        slots[c.path] = AdapterSlot(spec, site_cfg, shape, adapter_dtype, device, alloc_rank=max_rank)
+        if max_rank is not None and not slots[c.path].rank_dims:
+            raise QpassError(f"max_rank: adapter kind {spec.name!r} has no rank dimension to pad; leave max_rank unset")
     return slots
 
 
-def _load_into(slots: dict, weights: dict, source: str, skipped: dict) -> None:
-    expected = {f"{path}.{name}": (slot, name) for path, slot in slots.items() for name in slot.param_names}
+def _check_weights(slots: dict, weights: dict, source: str, skipped: dict, ranks: Optional[dict] = None) -> list:
+    """Validate an adapter file against the slots; returns [(slot, name, tensor)] to load. `ranks` maps
+    path -> the file adapter's rank when it differs from the slot's (hot-swap)."""
+    expected = {f"{path}.{name}": (path, slot, name) for path, slot in slots.items() for name in slot.param_names}
     unknown = sorted(set(weights) - set(expected))
     if unknown:
         on_skipped = sorted({k.rsplit(".", 2)[0] for k in unknown} & set(skipped))
@@ -129,15 +138,21 @@ def _load_into(slots: dict, weights: dict, source: str, skipped: dict) -> None:
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise AdapterLoadError(f"{source}: missing tensor(s) {missing[:3]} ({len(missing)} in all); the adapter file is incomplete")
-    for key, (slot, name) in expected.items():
-        have, want = tuple(weights[key].shape), tuple(slot.get(name).shape)
+    plan = []
+    for key, (path, slot, name) in expected.items():
+        have = tuple(weights[key].shape)
+        want = slot.expected_shape(name, None if ranks is None else ranks.get(path))
         if have != want:
             raise AdapterLoadError(
                 f"{source}: {key} has shape {have}, this model needs {want}; the adapter was trained for another base model or rank"
             )
-    with torch.no_grad():
-        for key, (slot, name) in expected.items():
-            slot.get(name).copy_(weights[key])
+        plan.append((slot, name, weights[key]))
+    return plan
+
+
+def _load_into(slots: dict, weights: dict, source: str, skipped: dict) -> None:
+    for slot, name, tensor in _check_weights(slots, weights, source, skipped):
+        slot.load(name, tensor)
 
 
 def _rows(candidates) -> list:
@@ -156,8 +171,13 @@ def _rows(candidates) -> list:
 # ---- the public entry --------------------------------------------------------------------------------
 
 
-def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Attach `adapter` (a config, a peft config, or a PEFT adapter directory) to `model` in place; returns `model`."""
+def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter_dtype: torch.dtype = torch.float32,
+            max_rank: Optional[int] = None) -> nn.Module:
+    """Attach `adapter` (a config, a peft config, or a PEFT adapter directory) to `model` in place; returns `model`.
+
+    `max_rank` allocates rank-shaped parameters at that rank (zero-padded), so that adapters of any rank up
+    to it can later be hot-swapped (`qpass.hotswap_adapter`) without recompiling.
+    """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise QpassError(
             "this model is already wrapped by torch.compile; call qpass.prepare / qpass.compile on the original "
@@ -168,16 +188,9 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
     if getattr(model, "_qpass", None) is not None:
         raise QpassError("this model is already prepared by qpass; use qpass.load_adapter(model, path, name) to add an adapter")
     _check_name(adapter_name)
-    cfg, weights, source = _resolve(adapter)
-    spec = spec_for(cfg)
-    candidates = discover(model, cfg)
-    targeted = [c for c in candidates if c.targeted and isinstance(c.info, QuantInfo)]
-    if not targeted:
-        raise _no_target_error(cfg, candidates)
-    slots = _build_slots(targeted, cfg, spec, adapter_dtype)
-    if weights is not None:
-        skipped = {c.path: c.info.reason for c in candidates if isinstance(c.info, Unsupported)}
-        _load_into(slots, weights, source, skipped)
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
+        raise QpassError(f"max_rank must be a positive integer or None; got {max_rank!r}")
+    cfg, spec, candidates, slots = plan_adapter(model, adapter, adapter_dtype, max_rank)
 
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
     sites: dict = {}
@@ -189,6 +202,7 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
         state = QpassState(
             sites=sites, configs={}, report=Report(rows=_rows(candidates), model=model),
             requires_grad_before=requires_grad_before, graph_break_mark=len(torch._dynamo.utils.graph_break_reasons),
+            max_rank=max_rank, adapter_dtype=adapter_dtype,
         )
         for site in sites.values():
             site.owner = weakref.ref(state)
@@ -199,6 +213,21 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
         undo()
         raise
     return model
+
+
+def plan_adapter(model: nn.Module, adapter, adapter_dtype, max_rank):
+    """Everything that can fail, before the model is touched: config, spec, targets, slots, weights."""
+    cfg, weights, source = _resolve(adapter)
+    spec = spec_for(cfg)
+    candidates = discover(model, cfg)
+    targeted = [c for c in candidates if c.targeted and isinstance(c.info, QuantInfo)]
+    if not targeted:
+        raise _no_target_error(cfg, candidates)
+    slots = _build_slots(targeted, cfg, spec, adapter_dtype, max_rank)
+    if weights is not None:
+        skipped = {c.path: c.info.reason for c in candidates if isinstance(c.info, Unsupported)}
+        _load_into(slots, weights, source, skipped)
+    return cfg, spec, candidates, slots
 
 
 def _check_name(adapter_name) -> None:
@@ -223,23 +252,59 @@ def _make_site(c, undo: "_Undo") -> Site:
     module._qpass_site = site
     module.forward = types.MethodType(_site_forward, module)
     undo.attrs += [(module, "_qpass_site"), (module, "forward")]
+    if c.info.eager_base == "torch":
+        # qpass computes this base itself, from the layout held now: the library's train()/eval() hooks
+        # (which repack buffers, swap zero-point formats, or refuse train mode) must not change it under us.
+        module.train = types.MethodType(nn.Module.train, module)
+        undo.attrs.append((module, "train"))
     return site
 
 
-def _install(state: QpassState, model: nn.Module, cfg, slots: dict, adapter_name: str) -> None:
-    """Put the built slots on their sites, make them the active adapter, and freeze everything else."""
+def _install(state: QpassState, model: nn.Module, cfg, slots: dict, adapter_name: str, *, activate: bool = True,
+             trainable: bool = True) -> None:
+    """Put the built slots on their sites; if `activate`, make this the only active adapter and (if
+    `trainable`) the only trainable parameters, as PEFT does."""
     for path, slot in slots.items():
-        site = state.sites[path]
-        site.slots[adapter_name] = slot
-        site.active = (adapter_name,)
+        state.sites[path].slots[adapter_name] = slot
     state.configs[adapter_name] = cfg
-    adapter_params = {id(p) for s in slots.values() for p in s.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in adapter_params)
     for row in state.report.rows:
         slot = slots.get(row.module)
         if slot is not None:
             row.add_adapter(adapter_name, slot)
+    if activate:
+        adapter_params = {id(p) for site in state.sites.values() for p in site.slots.parameters()}
+        for p in model.parameters():  # PEFT's semantics: the base is frozen
+            if id(p) not in adapter_params:
+                p.requires_grad_(False)
+        set_active(state, (adapter_name,), trainable=trainable)
+    else:
+        for slot in slots.values():
+            slot.requires_grad_(False)
+
+
+def set_active(state: QpassState, names: tuple, *, trainable: bool = True) -> None:
+    """Make `names` the active adapters of every site that has them; only their parameters train."""
+    for site in state.sites.values():
+        site.active = tuple(n for n in names if n in site.slots)
+        for name, slot in site.slots.items():
+            slot.requires_grad_(trainable and name in site.active)
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Remove qpass from a prepared model: original forwards back, adapters dropped, requires_grad restored."""
+    model = unwrap(model)
+    state = state_of(model)
+    for site in state.sites.values():
+        module = site.module
+        module._modules.pop(SLOTS_ATTR, None)
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("_qpass_site", None)
+        site.release()
+    for name, p in model.named_parameters():
+        if name in state.requires_grad_before:
+            p.requires_grad_(state.requires_grad_before[name])
+    model.__dict__.pop("_qpass", None)
+    return model
 
 
 class _Undo:

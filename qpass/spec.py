@@ -31,10 +31,16 @@ class SiteShape:
 
 @dataclass(frozen=True)
 class Param:
-    """A trainable tensor of the adapter; `init` fills it in place (under no_grad)."""
+    """A trainable tensor of the adapter; `init` fills it in place (under no_grad).
+
+    `rank_dim` names the dimension whose size is the adapter's rank, if any: slots can then be allocated at
+    a larger rank (zero-padded, which leaves the output unchanged) so adapters of any rank up to it can be
+    hot-swapped without recompiling, and `save_adapter` trims back to the adapter's own rank.
+    """
 
     shape: tuple
     init: Callable[[torch.Tensor], None]
+    rank_dim: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,36 @@ class AdapterSpec:
     rank: Callable[[object], int] = lambda cfg: getattr(cfg, "r", 0)
     check: Callable[[SiteShape, object], None] = lambda site, cfg: None
     description: str = ""
+    # Optional: called outside the op before each forward, `(slot, training)`, to update the slot's tensors in
+    # place under no_grad (OFT's COFT projection and block-dropout mask). Traced by dynamo; never recompiles.
+    before_forward: Optional[Callable] = None
+    # Optional: `(slot, adapter_config) -> {name: tensor}`, what `save_adapter` writes for a site (default: the
+    # slot's parameters). AdaLoRA uses it to drop the ranks its allocator pruned, as PEFT does.
+    export: Optional[Callable] = None
 
     def __post_init__(self):
         if self.dtype_policy not in POLICIES:
             raise QpassError(f"spec {self.name!r}: dtype_policy must be one of {POLICIES}; got {self.dtype_policy!r}")
         if self.attach not in ("output", "input"):
             raise QpassError(f"spec {self.name!r}: attach must be 'output' or 'input'; got {self.attach!r}")
+
+    def apply(self, x: torch.Tensor, p: Mapping[str, torch.Tensor], cfg) -> torch.Tensor:
+        """Run `compute`. It may take the site's config as a third argument, for static options that pick
+        the math (e.g. OFT's Cayley vs Cayley–Neumann); tensors that change in training belong in `p`."""
+        if _takes_config(self.compute):
+            return self.compute(x, p, cfg)
+        return self.compute(x, p)
+
+
+def _takes_config(fn) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [q for q in params if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(q.kind == q.VAR_POSITIONAL for q in params)
 
 
 _REGISTRY: dict = {}
@@ -101,20 +131,32 @@ def _load_builtin_patterns() -> None:
 class AdapterSlot(nn.Module):
     """One adapter on one site: its parameters under PEFT's dotted names, and its constants as buffers."""
 
-    def __init__(self, spec: AdapterSpec, cfg, shape: SiteShape, dtype: torch.dtype, device):
+    def __init__(self, spec: AdapterSpec, cfg, shape: SiteShape, dtype: torch.dtype, device, alloc_rank: Optional[int] = None):
         super().__init__()
         self.spec = spec
         self.cfg = cfg
+        self.shape = shape
         self.param_names: list = []
+        self.rank_dims: dict = {}
+        rank = spec.rank(cfg)
         for name, decl in spec.params(shape, cfg).items():
             tensor = torch.empty(decl.shape, dtype=dtype, device=device)
             with torch.no_grad():
                 decl.init(tensor)
+            if decl.rank_dim is not None:
+                self.rank_dims[name] = decl.rank_dim
+                if alloc_rank is not None and alloc_rank > rank:
+                    pad = list(tensor.shape)
+                    pad[decl.rank_dim] = alloc_rank - rank
+                    tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=decl.rank_dim)
             self._set(name, nn.Parameter(tensor))
             self.param_names.append(name)
+        self.alloc_rank = max(rank, alloc_rank or 0)
         self.constant_names: list = []
         for name, value in spec.constants(shape, cfg).items():
-            self.register_buffer(name, torch.tensor(float(value), dtype=torch.float32, device=device), persistent=False)
+            # a float, or an fp32 tensor (e.g. a per-block mask) that the graph reads
+            tensor = torch.as_tensor(value, dtype=torch.float32, device=device).clone()
+            self.register_buffer(name, tensor, persistent=False)
             self.constant_names.append(name)
         self.tensor_names = self.param_names + self.constant_names
         self.dropout_p = float(spec.dropout(cfg))
@@ -137,6 +179,44 @@ class AdapterSlot(nn.Module):
 
     def tensors(self) -> list:
         return [self.get(n) for n in self.tensor_names]
+
+    def export(self, adapter_config=None) -> dict:
+        """name -> tensor, as `save_adapter` writes this site (PEFT's names), trimmed to the adapter's rank."""
+        if self.spec.export is not None:
+            return self.spec.export(self, adapter_config if adapter_config is not None else self.cfg)
+        return {n: self.unpadded(n) for n in self.param_names}
+
+    def unpadded(self, name: str) -> torch.Tensor:
+        tensor = self.get(name)
+        dim = self.rank_dims.get(name)
+        if dim is None or tensor.shape[dim] == self.spec.rank(self.cfg):
+            return tensor
+        return tensor.narrow(dim, 0, self.spec.rank(self.cfg))
+
+    def expected_shape(self, name: str, rank: Optional[int] = None) -> tuple:
+        """The shape a file tensor `name` must have for an adapter of `rank` (default: this slot's)."""
+        shape = list(self.get(name).shape)
+        dim = self.rank_dims.get(name)
+        if dim is not None:
+            shape[dim] = self.spec.rank(self.cfg) if rank is None else rank
+        return tuple(shape)
+
+    @torch.no_grad()
+    def load(self, name: str, value: torch.Tensor) -> None:
+        """Copy a file tensor in, zero-padding along the rank dimension up to the allocated rank."""
+        target = self.get(name)
+        dim = self.rank_dims.get(name)
+        if dim is not None and value.shape[dim] < target.shape[dim]:
+            target.zero_()
+            target.narrow(dim, 0, value.shape[dim]).copy_(value)
+        else:
+            target.copy_(value)
+
+    @torch.no_grad()
+    def set_constants(self, cfg) -> None:
+        """Refresh the constants (e.g. scaling) in place for `cfg`: the graph reads them, nothing recompiles."""
+        for name, value in self.spec.constants(self.shape, cfg).items():
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,169 @@
+"""`merge`: fold the active adapters into the quantized weights, so each site is a plain quantized layer again.
+
+One method for every adapter kind: a prepared site computes an affine map x -> W_eff x + b_eff (LoRA,
+QA-LoRA, AdaLoRA and OFT are all linear in x once dropout is off), so W_eff and b_eff are read off by
+probing the site's own math (base in plain torch, fp32) with the identity and with zero. W_eff is then
+requantised onto the layer's own grid (same bits, group size, g_idx, symmetry): per (group, output) the
+better of (a) the existing scale/zero with the codes re-rounded — exact wherever the adapter did not move a
+weight — and (b) a fresh round-to-nearest scale/zero. The error per site (max |ΔW|, and ‖ΔW‖ relative to
+‖W_eff‖ and to the adapter's own ‖W_eff − W‖) is measured on the repacked layer and reported; the merge
+refuses, naming the sites, when the relative error exceeds `max_rel_error`.
+
+Repacking is library-specific (`_REPACKERS`): gptqmodel GPTQ `TorchLinear` through gptqmodel's own `pack_block`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import QpassError
+from .prepare import state_of, unprepare, unwrap
+from .quant.packing import unpack_stream
+
+
+@dataclass
+class MergeRow:
+    module: str
+    adapters: str
+    max_abs_error: float
+    rel_error: float  # ‖W_merged − W_eff‖ / ‖W_eff‖
+    rel_to_adapter: float  # ‖W_merged − W_eff‖ / ‖W_eff − W_base‖ (how much of the adapter's change is lost)
+    method: str
+
+
+class MergeReport(list):
+    def to_dict(self) -> list:
+        return [asdict(r) for r in self]
+
+    def __str__(self) -> str:
+        from tabulate import tabulate
+
+        rows = [[r.module, r.adapters, f"{r.max_abs_error:.3g}", f"{r.rel_error:.3g}", f"{r.rel_to_adapter:.3g}", r.method] for r in self]
+        return tabulate(rows, headers=["module", "adapters", "max |ΔW|", "‖ΔW‖/‖W‖", "‖ΔW‖/‖adapter‖", "merged by"])
+
+
+@torch.no_grad()
+def effective_weight(site, names: tuple) -> tuple:
+    """(W (in, out), b (out,)) of the site's affine map with adapters `names` active, in fp32."""
+    info = site.info
+    base = [t for t in site.base_tensors()]
+    eye = torch.eye(info.in_features, dtype=torch.float32, device=base[0].device)
+    zero = torch.zeros(1, info.in_features, dtype=torch.float32, device=base[0].device)
+    adapter = [t for n in names for t in site.slots[n].tensors()]
+
+    def run(x):
+        xa = site.adapter_inputs(x, names, training=False)
+        return site.run(x, xa, base, adapter, names, site.torch_base).float()
+
+    b = run(zero)[0]
+    return run(eye) - b, b
+
+
+def _gptq_grid(site):
+    """(scales (G, out) fp32, zeros (G, out) fp32, g_idx) of a GPTQ-packed layer."""
+    m = site.module
+    zeros = unpack_stream(m.qzeros, site.info.bits, dim=1, count=site.info.out_features).float()
+    return m.scales.float(), zeros, m.g_idx.long()
+
+
+def _requantize(W: torch.Tensor, scales, zeros, g_idx, bits: int, sym: bool):
+    """Choose per (group, out) between the existing grid (codes re-rounded) and fresh RTN; returns (scales, zeros)."""
+    maxq = 2**bits - 1
+    new_s, new_z = scales.clone(), zeros.clone()
+    for g in range(scales.shape[0]):
+        rows = W[g_idx == g]  # (n_g, out)
+        if rows.numel() == 0:
+            continue
+        s_old = scales[g].half().float()
+        z_old = zeros[g]
+        lo, hi = rows.amin(0).clamp(max=0), rows.amax(0).clamp(min=0)
+        if sym:
+            s_new = (2 * torch.maximum(lo.abs(), hi) / maxq).clamp(min=1e-6).half().float()
+            z_new = torch.full_like(s_new, (maxq + 1) // 2)
+        else:
+            s_new = ((hi - lo) / maxq).clamp(min=1e-6).half().float()
+            z_new = torch.round(-lo / s_new).clamp(0, maxq)
+
+        def err(s, z):
+            q = torch.clamp(torch.round(rows / s + z), 0, maxq)
+            return ((s * (q - z) - rows) ** 2).sum(0)
+
+        use_new = err(s_new, z_new) < err(s_old, z_old)
+        new_s[g] = torch.where(use_new, s_new, s_old)
+        new_z[g] = torch.where(use_new, z_new, z_old)
+    return new_s, new_z
+
+
+def _fake_quant(W, scales, zeros, g_idx, bits):
+    maxq = 2**bits - 1
+    s, z = scales[g_idx], zeros[g_idx]
+    return s * (torch.clamp(torch.round(W / s + z), 0, maxq) - z)
+
+
+def _repack_gptq_torch(site, W, b, scales, zeros, g_idx) -> None:
+    """Repack a gptqmodel GPTQ layer in place with gptqmodel's own packer (in-memory zeros stay "v2")."""
+    m = site.module
+    linear = nn.Linear(site.info.in_features, site.info.out_features, bias=b is not None)
+    linear.weight.data.copy_(W.T)
+    if b is not None:
+        linear.bias.data.copy_(b)
+    m.pack_block(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx.to(torch.int32))
+    for name, buf in list(m._buffers.items()):  # pack_block works under inference_mode
+        if buf is not None and buf.is_inference():
+            m._buffers[name] = buf.clone()
+    for attr in ("_g_idx_long_cache", "_zeros_cache"):
+        if hasattr(m, attr):
+            setattr(m, attr, None)
+    if hasattr(m, "clear_weight_cache"):
+        m.clear_weight_cache()
+
+
+_REPACKERS = {("gptqmodel", "TorchLinear"): (_gptq_grid, _repack_gptq_torch)}
+
+
+def merge(model: nn.Module, *, max_rel_error: float = 0.05) -> nn.Module:
+    """Fold the active adapters into the quantized weights and remove qpass from the model (in place; returns
+    the plain model, no longer prepared). `model.qpass_merge_report` holds the per-site errors."""
+    state = state_of(model)
+    base_model = unwrap(model)
+    plans = []
+    for path, site in state.sites.items():
+        names = site.active_names()
+        if not names:
+            continue
+        key = (site.info.library, site.info.cls_name)
+        if key not in _REPACKERS:
+            raise QpassError(f"{path}: merging into {site.info.cls_name} ({site.info.library}) is not supported; "
+                             f"supported: {sorted(c for _, c in _REPACKERS)}")
+        grid, repack = _REPACKERS[key]
+        W0, b0 = effective_weight(site, ())
+        W1, b1 = effective_weight(site, names)
+        scales, zeros, g_idx = grid(site)
+        new_s, new_z = _requantize(W1, scales, zeros, g_idx, site.info.bits, bool(site.info.sym))
+        err = _fake_quant(W1, new_s, new_z, g_idx, site.info.bits) - W1
+        rel = (err.norm() / W1.norm().clamp(min=1e-12)).item()
+        plans.append((path, site, names, W0, W1, b0, b1, new_s, new_z, g_idx, repack, rel))
+    if not plans:
+        raise QpassError("no active adapter to merge; call qpass.set_adapter(model, name) first")
+    bad = [(p[0], p[-1]) for p in plans if p[-1] > max_rel_error]
+    if bad:
+        listed = ", ".join(f"{path} ({rel:.3g})" for path, rel in bad[:5])
+        raise QpassError(
+            f"merging would change {len(bad)} site(s) by more than max_rel_error={max_rel_error}: {listed}; "
+            "the adapter is too fine for this bit width — keep it unmerged, or pass a larger max_rel_error"
+        )
+    report = MergeReport()
+    for path, site, names, W0, W1, b0, b1, new_s, new_z, g_idx, repack, _ in plans:
+        had_bias = getattr(site.module, "bias", None) is not None
+        bias = b1 if (had_bias or b1.abs().max() > 0) else None
+        repack(site, W1, bias, new_s, new_z, g_idx)
+        W_new, _ = effective_weight(site, ())
+        diff = W_new - W1
+        report.append(MergeRow(path, ",".join(names), diff.abs().max().item(), (diff.norm() / W1.norm()).item(),
+                               (diff.norm() / (W1 - W0).norm().clamp(min=1e-12)).item(), "requantize (same grid or RTN per group)"))
+    unprepare(base_model)
+    base_model.qpass_merge_report = report
+    return base_model
