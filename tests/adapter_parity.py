@@ -1,0 +1,78 @@
+"""Helpers shared by the QA-LoRA / AdaLoRA / OFT parity tests: PEFT (the oracle) on real gptqmodel layers."""
+
+import torch
+import peft
+import transformers
+
+from conftest import LOGIT_TOL, input_ids, make_model
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_SITES = 14
+
+
+def randomize(model, keys, seed=0, std=0.1, skip=()):
+    """Non-zero values for every adapter tensor whose name contains one of `keys` (zero inits would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if any(k in name for k in keys) and not any(s in name for s in skip) and p.dtype.is_floating_point:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_close(a, b, dtype=torch.float32, tol=None):
+    tol = LOGIT_TOL[dtype] if tol is None else tol
+    err = max_err(a, b)
+    assert err <= tol, f"max |Δlogit| {err:.3g} > {tol} ({dtype})"
+    return err
+
+
+def key(name):
+    """PEFT: ...q_proj.lora_A.default.weight / ...lora_E.default ; qpass: ...q_proj.qpass_adapters.default.lora_A.weight"""
+    return (name.replace("_orig_mod.", "").replace("base_model.model.", "").replace(".qpass_adapters.default", "")
+            .replace(".default", ""))
+
+
+def trainable(model):
+    return {key(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def sgd_updates(model, ids, labels, lr=0.5, steps=1, extra_loss=None, train=False):
+    """`steps` SGD steps; returns {param: after - before} for every trainable tensor (fp32)."""
+    model.train(train)
+    params = trainable(model)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    opt = torch.optim.SGD(list(params.values()), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: (p.detach() - before[k]).float() for k, p in params.items()}
+
+
+def max_rel(ours, ref):
+    assert set(ours) == set(ref), sorted(set(ours) ^ set(ref))[:4]
+    assert all(u.norm() > 0 for u in ref.values()), "every adapter tensor must move"
+    return max(((ours[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
+
+
+def gptq_model_peft_dispatches(dtype=torch.float32):
+    """The tiny Llama as PEFT's AdaLoRA needs it to pick its GPTQ class `SVDQuantLinear`: model.config carries a
+    GPTQConfig and the layers are the class gptqmodel selects for training on CPU (`TorchAtenLinear`), pinned to
+    its dequantize+matmul path. Same packed weights as `make_model` (its TorchLinear): identical base outputs."""
+    from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+    from qpass.toy import build_llama, quantize_gptq
+
+    model = quantize_gptq(build_llama(dtype=dtype), cls=TorchAtenLinear)
+    for module in model.modules():
+        if isinstance(module, TorchAtenLinear):
+            module.linear_mode = "train"
+    model.quantization_method = "gptq"
+    model.config.quantization_config = transformers.GPTQConfig(bits=4, group_size=32, desc_act=False, sym=True)
+    return model

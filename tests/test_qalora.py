@@ -1,0 +1,126 @@
+"""QA-LoRA on gptqmodel TorchLinear: qpass against PEFT's GPTQLoraLinear + QALoraLinearVariant (the oracle).
+
+PEFT adapters with non-zero tensors are saved to directories; qpass loads them; logits (eager, aot_eager,
+inductor), the update of one SGD step, and the adapter qpass saves back (loaded by PEFT) are compared.
+"""
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import qpass
+
+from adapter_parity import ALL, N_SITES, assert_close, max_err, max_rel, randomize, sgd_updates
+from conftest import LOGIT_TOL, input_ids, make_model
+
+VARIANTS = {
+    "G16": dict(qalora_group_size=16),
+    "G32_rslora": dict(qalora_group_size=32, use_rslora=True),
+    "G8_dropout": dict(qalora_group_size=8, lora_dropout=0.1),
+    # PEFT's QA-LoRA never uses lora_B.bias (it stays at its zero init), so files carry a zero bias.
+    "G16_lora_bias": dict(qalora_group_size=16, lora_bias=True),
+}
+
+
+def peft_model(variant, dtype=torch.float32):
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL, use_qalora=True, **VARIANTS[variant])
+    model = peft.get_peft_model(make_model(dtype), cfg)
+    randomize(model, ("lora_",), skip=("lora_B.default.bias",))
+    return model
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    out = {}
+    for variant in VARIANTS:
+        path = tmp_path_factory.mktemp(f"qalora_{variant}")
+        peft_model(variant).save_pretrained(str(path))
+        out[variant] = path
+    return out
+
+
+CASES = [(v, torch.float32, "aot_eager") for v in VARIANTS] + [
+    ("G16", torch.bfloat16, "aot_eager"), ("G16", torch.float16, "aot_eager"), ("G32_rslora", torch.float32, "inductor")]
+
+
+@pytest.mark.parametrize("variant,dtype,inner", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_logits_match_peft(dirs, variant, dtype, inner):
+    ids = input_ids()
+    ref_model = peft.PeftModel.from_pretrained(make_model(dtype), str(dirs[variant])).eval()
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+        assert max_err(ref, make_model(dtype)(ids).logits) > 10 * LOGIT_TOL[dtype], "the adapter must change the logits"
+    model = qpass.prepare(make_model(dtype), str(dirs[variant]))
+    assert type(model.model.layers[0].self_attn.q_proj.qpass_adapters["default"].spec).__name__ == "AdapterSpec"
+    assert model.model.layers[0].self_attn.q_proj.qpass_adapters["default"].spec.name == "qalora"
+    with torch.no_grad():
+        assert_close(model(ids).logits, ref, dtype)
+        compiled = torch.compile(model, backend=qpass.backend(inner))
+        assert_close(compiled(ids).logits, ref, dtype)
+    assert qpass.report(compiled).summary()["sites_rewritten"] == N_SITES
+
+
+@pytest.mark.parametrize("variant", ["G32_rslora", "G16_lora_bias"])
+def test_sgd_step_matches_peft(dirs, variant):
+    ids, labels = input_ids(seed=1), input_ids(seed=2)
+    ref_model = peft.PeftModel.from_pretrained(make_model(), str(dirs[variant]), is_trainable=True)
+    ref = sgd_updates(ref_model, ids, labels)
+    model = qpass.prepare(make_model(), str(dirs[variant]))
+    ours = sgd_updates(torch.compile(model, backend=qpass.backend("aot_eager")), ids, labels)
+    if variant == "G16_lora_bias":
+        # deliberate difference: qpass trains lora_B.bias (as LoRA does); PEFT's QA-LoRA forward ignores it
+        biases = [k for k in ours if k.endswith("lora_B.bias")]
+        assert len(biases) == N_SITES and all(ours[k].norm() > 0 for k in biases)
+        assert all(ref[k].norm() == 0 for k in biases)
+        ours = {k: v for k, v in ours.items() if k not in biases}
+        ref = {k: v for k, v in ref.items() if k not in biases}
+    assert len(ref) == 2 * N_SITES
+    err = max_rel(ours, ref)
+    assert err < 1e-3, f"update rel. error {err:.3g}"
+
+
+def test_dropout_training_step_matches_peft_in_eager(dirs):
+    """With dropout, eager qpass draws its masks in PEFT's order (per site, on the cast input): same step."""
+    ids, labels = input_ids(seed=1), input_ids(seed=2)
+    ref_model = peft.PeftModel.from_pretrained(make_model(), str(dirs["G8_dropout"]), is_trainable=True)
+    model = qpass.prepare(make_model(), str(dirs["G8_dropout"]))
+    torch.manual_seed(3)
+    ref = sgd_updates(ref_model, ids, labels, train=True)
+    torch.manual_seed(3)
+    ours = sgd_updates(model, ids, labels, train=True)
+    assert max_rel(ours, ref) < 1e-4
+    torch.manual_seed(4)
+    other = sgd_updates(qpass.prepare(make_model(), str(dirs["G8_dropout"])), ids, labels, train=True)
+    assert max_rel(other, ref) > 1e-3, "dropout must be active in training"
+
+
+def test_saved_adapter_loads_in_peft(tmp_path, dirs):
+    ids = input_ids()
+    model = qpass.prepare(make_model(), str(dirs["G32_rslora"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.mul_(1.5)  # diverge from the loaded file
+        ours = model(ids).logits
+    qpass.save_adapter(model, tmp_path / "saved")
+    reloaded = peft.PeftModel.from_pretrained(make_model(), str(tmp_path / "saved")).eval()
+    cfg = reloaded.peft_config["default"]
+    assert cfg.use_qalora and cfg.qalora_group_size == 32 and cfg.use_rslora
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, ours)
+
+
+def test_group_size_must_divide_in_features():
+    with pytest.raises(qpass.QpassError, match=r"model\.layers\.0\.self_attn\.q_proj: qalora_group_size=24 does not divide in_features=64; use e\.g\. qalora_group_size=32"):
+        qpass.prepare(make_model(), qpass.LoraConfig(r=2, target_modules=["q_proj"], use_qalora=True, qalora_group_size=24))
+    model = make_model()
+    qpass.prepare(model, qpass.LoraConfig(r=2, target_modules=["q_proj"], use_qalora=True, qalora_group_size=32))
+    assert model.model.layers[0].self_attn.q_proj.qpass_adapters["default"].get("lora_A.weight").shape == (2, 2)
+
+
+def test_dora_with_qalora_is_not_implemented():
+    model = make_model()
+    with pytest.raises(NotImplementedError, match="q_proj: DoRA and QA-LoRA"):
+        qpass.prepare(model, peft.LoraConfig(r=2, target_modules=["q_proj"], use_qalora=True, use_dora=True))
+    assert getattr(model, "_qpass", None) is None, "a failed prepare leaves the model untouched"
