@@ -5,3 +5,6 @@ user's own spec: see examples/custom_pattern.py) that calls `qpass.register(Adap
 """
 
 from . import lora  # noqa: F401
+from . import qalora  # noqa: F401
+from . import adalora  # noqa: F401
+from . import oft  # noqa: F401

@@ -7,13 +7,17 @@
 from . import ops as _ops  # registers torch.ops.qpass.site
 from .api import compile, report, save_adapter
 from .backend import backend
-from .config import AdapterConfig, LoraConfig
+from .config import AdaLoraConfig, AdapterConfig, LoraConfig, OFTConfig
+from .adalora_allocator import orthogonal_regularization, update_and_allocate
 from .errors import AdapterLoadError, QpassError
-from .prepare import prepare
+from .lifecycle import active_adapters, disable_adapters, hotswap_adapter, load_adapter, set_adapter
+from .merge import merge
+from .prepare import prepare, unprepare
 from .spec import AdapterSpec, Param, SiteShape, register
 
 __all__ = [
-    "AdapterConfig", "AdapterLoadError", "AdapterSpec", "LoraConfig", "Param", "QpassError", "SiteShape",
+    "AdaLoraConfig", "AdapterConfig", "AdapterLoadError", "OFTConfig", "orthogonal_regularization", "update_and_allocate", "AdapterSpec", "LoraConfig", "Param", "QpassError", "SiteShape",
     "backend", "compile", "prepare", "register", "report", "save_adapter",
+    "active_adapters", "disable_adapters", "hotswap_adapter", "load_adapter", "merge", "set_adapter", "unprepare",
 ]
 __version__ = "0.1.0"

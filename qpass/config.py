@@ -226,3 +226,169 @@ def to_config(adapter: Any) -> AdapterConfig:
         f"adapter must be a qpass config (e.g. qpass.LoraConfig), a peft config, or the path of a PEFT adapter "
         f"directory; got {type(adapter).__name__}"
     )
+
+
+def _probability_closed(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise QpassError(f"`{name}` must be a probability in [0, 1]; got {value!r}")
+
+
+@register_config
+@dataclass
+class AdaLoraConfig(AdapterConfig):
+    """AdaLoRA (SVD-form LoRA with adaptive rank), with `peft.AdaLoraConfig`'s fields and defaults.
+
+    `init_r` is each site's starting rank; the rank allocator (`qpass.update_and_allocate`) prunes the total
+    down to `target_r` per site on average between steps `tinit` and `total_step - tfinal`. `rank_pattern`
+    is PEFT's: `{"<module path>.lora_E": [kept?, ...]}` as the allocator leaves it (None before).
+    `r` is accepted for PEFT compatibility and ignored, as in PEFT.
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    rank_pattern: Optional[dict] = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    init_lora_weights: bool = True
+    r: int = 8
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    use_dora: bool = False
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    lora_bias: bool = False
+    modules_to_save: Optional[list] = None
+
+    def validate(self) -> None:
+        _positive_int("init_r", self.init_r)
+        _positive_int("target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise QpassError(f"`target_r` ({self.target_r}) must not exceed `init_r` ({self.init_r}); AdaLoRA only prunes ranks")
+        if self.total_step is None:
+            raise QpassError("AdaLoRA needs `total_step` (the number of training steps) to schedule its rank budget; set total_step=<steps>")
+        _positive_int("total_step", self.total_step)
+        _positive_int("deltaT", self.deltaT)
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise QpassError(f"`{name}` must be a non-negative integer; got {value!r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise QpassError(
+                f"tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} leave no budgeting phase; "
+                "decrease tinit/tfinal or increase total_step"
+            )
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise QpassError(f"`{name}` must be in (0, 1); got {value!r}")
+        if isinstance(self.orth_reg_weight, bool) or not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise QpassError(f"`orth_reg_weight` must be >= 0; got {self.orth_reg_weight!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha < 0:
+            raise QpassError(f"`lora_alpha` must be >= 0 (0 means scaling = r, as in PEFT); got {self.lora_alpha!r}")
+        _probability("lora_dropout", self.lora_dropout)
+        if self.init_lora_weights not in (True, False):
+            raise QpassError(f"`init_lora_weights` must be True or False for AdaLoRA; got {self.init_lora_weights!r}")
+        for field_name, neutral in (("use_dora", False), ("use_qalora", False), ("lora_bias", False), ("use_rslora", False),
+                                    ("fan_in_fan_out", False), ("bias", "none")):
+            if getattr(self, field_name) != neutral:
+                raise QpassError(f"`{field_name}={getattr(self, field_name)!r}` does not apply to AdaLoRA; leave it {neutral!r}")
+        if self.modules_to_save:
+            raise QpassError("`modules_to_save` is not supported by qpass yet; train those modules outside the adapter")
+        if self.rank_pattern == {}:
+            self.rank_pattern = None
+        for key, value in (self.rank_pattern or {}).items():
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (bool, int)) and v in (0, 1) for v in value):
+                raise QpassError(f"rank_pattern[{key!r}] must be a list of booleans (PEFT's AdaLoRA mask); got {value!r}")
+
+    def site_mask(self, path: str) -> Optional[list]:
+        """This site's kept-rank mask from `rank_pattern` (keys `<path>.lora_E`, optionally `.<adapter>`), or None."""
+        for key, value in (self.rank_pattern or {}).items():
+            if re.sub(r"\.lora_E(\.[^.]+)?$", "", key) == path:
+                return [bool(v) for v in value]
+        return None
+
+    def scaling(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha > 0 else float(self.init_r)
+
+    def to_peft_dict(self) -> dict:
+        out = super().to_peft_dict()
+        out["alpha_pattern"] = out.get("alpha_pattern") or {}
+        return out
+
+
+@register_config
+@dataclass
+class OFTConfig(AdapterConfig):
+    """OFT (orthogonal fine-tuning), with `peft.OFTConfig`'s fields and defaults.
+
+    Exactly one of `r` (blocks per layer) and `oft_block_size` is non-zero; r × oft_block_size = in_features
+    at every targeted site (qpass raises naming the site instead of silently adjusting the value as PEFT does).
+    """
+
+    peft_type: ClassVar[str] = "OFT"
+    r: int = 0
+    oft_block_size: int = 32
+    module_dropout: float = 0.0
+    init_weights: bool = True
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: Optional[list] = None
+
+    def validate(self) -> None:
+        for name in ("r", "oft_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise QpassError(f"`{name}` must be a non-negative integer; got {value!r}")
+        if (self.r != 0) == (self.oft_block_size != 0):
+            raise QpassError(
+                f"set exactly one of `r` ({self.r}) and `oft_block_size` ({self.oft_block_size}) to a non-zero value "
+                "(r × oft_block_size = in_features); e.g. OFTConfig(r=0, oft_block_size=32)"
+            )
+        _probability_closed("module_dropout", self.module_dropout)
+        _positive_number("eps", self.eps)
+        _positive_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        if self.init_weights not in (True, False):
+            raise QpassError(f"`init_weights` must be True or False; got {self.init_weights!r}")
+        if self.bias != "none":
+            raise QpassError(f"`bias={self.bias!r}` is not supported; leave it 'none'")
+        if self.fan_in_fan_out:
+            raise QpassError("`fan_in_fan_out=True` does not apply to quantized linear layers; leave it False")
+        if self.modules_to_save:
+            raise QpassError("`modules_to_save` is not supported by qpass yet; train those modules outside the adapter")
+
+    def blocks(self, in_features: int) -> tuple:
+        """(number of blocks, block size) at a site with `in_features` inputs, or raise naming what to change."""
+        if self.r:
+            if in_features % self.r:
+                raise QpassError(f"r={self.r} does not divide in_features={in_features}")
+            return self.r, in_features // self.r
+        if in_features % self.oft_block_size:
+            raise QpassError(f"oft_block_size={self.oft_block_size} does not divide in_features={in_features}")
+        return in_features // self.oft_block_size, self.oft_block_size
+
+
+def _oft_peft_dict(self) -> dict:
+    out = AdapterConfig.to_peft_dict(self)
+    out.pop("rank_pattern", None)  # not OFT fields in PEFT
+    out.pop("alpha_pattern", None)
+    # PEFT warns on Cayley–Neumann adapters older than 0.18 (it changed the series then); qpass computes the
+    # >= 0.18 series, so the file says so.
+    out["peft_version"] = "0.18.0"
+    return out
+
+
+OFTConfig.to_peft_dict = _oft_peft_dict
