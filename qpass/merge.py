@@ -110,6 +110,8 @@ def _repack_gptq_torch(site, W, b, scales, zeros, g_idx) -> None:
     linear.weight.data.copy_(W.T)
     if b is not None:
         linear.bias.data.copy_(b)
+    if b is not None and "bias" not in m._buffers:
+        m.__dict__.pop("bias", None)  # a bias-less layer holds `bias = None` as a plain attribute
     m.pack_block(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx.to(torch.int32))
     for name, buf in list(m._buffers.items()):  # pack_block works under inference_mode
         if buf is not None and buf.is_inference():
