@@ -298,6 +298,7 @@ def unprepare(model: nn.Module) -> nn.Module:
         module = site.module
         module._modules.pop(SLOTS_ATTR, None)
         module.__dict__.pop("forward", None)
+        module.__dict__.pop("train", None)  # set for sites whose base qpass computes (eager_base == "torch")
         module.__dict__.pop("_qpass_site", None)
         site.release()
     for name, p in model.named_parameters():

@@ -1,12 +1,14 @@
 """Matcher for gptqmodel's GPTQ quantized-linear layers (the AWQ classes are in `gptqmodel_awq.py`).
 
-Recognises `TorchLinear`, `TorchFusedLinear`, `TorchAtenLinear` and `TorchInt8Linear` and computes their
+Recognises `TorchLinear`, `TorchFusedLinear`, `TorchAtenLinear`, `TorchCpuAvx512Linear` (the class gptqmodel
+picks when a checkpoint is loaded on an AVX-512 CPU) and `TorchInt8Linear` and computes their
 base from whatever layout the module holds, in plain torch:
 - GPTQ packing (2/3/4/8 bits): unpack `qweight` / `qzeros`, `W = scales[g_idx] * (q - z)`, matmul. The
   unpack order is the one of gptqmodel's `PackableQuantLinear.dequantize_weight` (checked in tests against
   the library's own dequantize). In-memory zero points are gptqmodel's "v2" form (no +1 offset).
 - aten int4pack (`TorchFusedLinear` / `TorchAtenLinear` after their first eval forward repacked them):
   `layouts.int4pack_cpu`. TorchFusedLinear's repack drops asymmetric zero points; such a site is skipped.
+- gptqmodel's AVX-512 "hf int4" (`TorchCpuAvx512Linear` after its first bf16 eval forward): `layouts.hf_int4`.
 - int8 per output channel (`TorchInt8Linear`, requantised at load): `layouts.int8_channel`.
 """
 
@@ -19,12 +21,15 @@ from . import QuantInfo, Unsupported, layouts
 from .packing import unpack_stream
 
 LIBRARY = "gptqmodel"
+name = "gptq-packed"  # this module is also the layout namespace of the GPTQ packing (`torch_forward`)
 _SUPPORTED_BITS = (2, 3, 4, 8)
 # GPTQ classes qpass reads -> how their eager base runs: TorchLinear's own forward trains and keeps its
 # layout; the fused/aten classes repack `qweight` in place on their first eval forward (so qpass computes
 # their base itself, from whatever layout the module holds at prepare time); TorchInt8Linear has no
 # training mode and no backward.
-_EAGER_BASE = {"TorchLinear": "library", "TorchFusedLinear": "torch", "TorchAtenLinear": "torch", "TorchInt8Linear": "torch"}
+# TorchCpuAvx512Linear (what gptqmodel auto-selects on an AVX-512 CPU) refuses train mode and repacks too.
+_EAGER_BASE = {"TorchLinear": "library", "TorchFusedLinear": "torch", "TorchAtenLinear": "torch",
+               "TorchInt8Linear": "torch", "TorchCpuAvx512Linear": "torch"}
 
 
 def _classes():
@@ -32,11 +37,12 @@ def _classes():
         from gptqmodel.nn_modules.qlinear import BaseQuantLinear
         from gptqmodel.nn_modules.qlinear.torch import TorchLinear
         from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+        from gptqmodel.nn_modules.qlinear.torch_cpu_avx512 import TorchCpuAvx512Linear
         from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
         from gptqmodel.nn_modules.qlinear.torch_int8 import TorchInt8Linear
     except Exception:  # gptqmodel absent or broken: nothing of ours to match
         return None, ()
-    return BaseQuantLinear, (TorchLinear, TorchFusedLinear, TorchAtenLinear, TorchInt8Linear)
+    return BaseQuantLinear, (TorchLinear, TorchFusedLinear, TorchAtenLinear, TorchInt8Linear, TorchCpuAvx512Linear)
 
 
 def _is_awq(module) -> bool:
@@ -62,6 +68,9 @@ def match(module: nn.Module):
     if getattr(module, "int8_weight_nk", None) is not None:  # TorchInt8Linear after post_init
         return QuantInfo(buffers=("int8_weight_nk", "int8_channel_scale") + bias, matcher=layouts.int8_channel, **common)
     qweight = getattr(module, "qweight", None)
+    if qweight is not None and qweight.dtype == torch.uint8 and cls_name == "TorchCpuAvx512Linear":
+        extra = ("ret_idx",) if _needs_permutation(module) else ()
+        return QuantInfo(buffers=("qweight", "qzeros", "scales") + extra + bias, matcher=layouts.hf_int4, **common)
     if qweight is not None and qweight.dtype == torch.uint8:  # repacked for aten int4pack by an eval forward
         if cls_name == "TorchFusedLinear" and not common["sym"]:
             return Unsupported(LIBRARY, cls_name, "TorchFusedLinear's CPU repack (run by its first eval forward) "

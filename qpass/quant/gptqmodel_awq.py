@@ -3,7 +3,8 @@
 `AwqTorchLinear` (portable, trains: its own forward serves eager), `TorchFusedAwqLinear` and
 `TorchAtenAwqLinear` (CPU; they repack `qweight` into aten's int4pack layout on their first eval forward,
 so qpass computes their base itself from whichever layout the module holds), `AwqGEMMLinear` (CUDA
-kernel only; on CPU qpass computes its base). All hold AWQ's GEMM layout (`layouts.awq`) until repacked.
+kernel only; on CPU qpass computes its base), `TorchCpuAvx512AwqLinear` (what gptqmodel picks for an AWQ
+checkpoint on an AVX-512 CPU; repacks into its "hf int4" layout, refuses train mode). All hold AWQ's GEMM layout (`layouts.awq`) until repacked.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ _CLASSES = {
     "TorchFusedAwqLinear": ("gptqmodel.nn_modules.qlinear.torch_fused_awq", "torch"),
     "TorchAtenAwqLinear": ("gptqmodel.nn_modules.qlinear.torch_aten_kernel_awq", "torch"),
     "AwqGEMMLinear": ("gptqmodel.nn_modules.qlinear.gemm_awq", "torch"),
+    # auto-selected when an AWQ checkpoint is loaded on an AVX-512 CPU; inference-only (refuses train mode)
+    "TorchCpuAvx512AwqLinear": ("gptqmodel.nn_modules.qlinear.torch_cpu_avx512_awq", "torch"),
 }
 
 
@@ -63,6 +66,8 @@ def match(module: nn.Module):
     qweight = getattr(module, "qweight", None)
     if qweight is None:
         return Unsupported(LIBRARY, cls_name, f"{cls_name} holds no qweight (not loaded yet?)")
+    if qweight.dtype == torch.uint8 and name == "TorchCpuAvx512AwqLinear":  # repacked by a bf16 eval forward
+        return QuantInfo(buffers=("qweight", "qzeros", "scales") + bias, matcher=layouts.hf_int4, **common)
     if qweight.dtype == torch.uint8:  # repacked for aten int4pack by an eval forward
         return QuantInfo(buffers=("qweight", "scales_and_zeros") + bias, matcher=layouts.int4pack_cpu, **common)
     if not 2 <= bits <= 8 or qweight.dtype != torch.int32:

@@ -10,6 +10,8 @@ A matcher points `QuantInfo.matcher` at one of these namespaces; each offers
   aten's int4pack layout, `scales_and_zeros` (groups, out, 2), optional `ret_idx` (act-order permutation of
   the input); W[k', n] = (q[n, k'] - 8) * scale + zero, y = x[..., ret_idx] @ W.
 - `int8_channel`: gptqmodel's TorchInt8Linear — int8 (out, in) weights and one scale per output channel.
+- `hf_int4`: gptqmodel's TorchCpuAvx512[Awq]Linear after their first bf16 eval forward — uint8 codes in
+  32-row groups, float zero points and scales (groups, out), optional `ret_idx`.
 """
 
 from __future__ import annotations
@@ -88,3 +90,32 @@ def _int8_forward(info, x, tensors):
 
 
 int8_channel = SimpleNamespace(name="int8-per-channel", torch_forward=_int8_forward)
+
+
+# ---- gptqmodel's CPU AVX-512 "hf int4" layout ---------------------------------------------------------
+
+
+def unpack_hf_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """(N, K/2) uint8, flat as [N/32, K/2, 16 rows, 2 nibbles-of-k] -> (N, K) codes (gptqmodel's
+    `unpack_hf_int4`): byte (row r, k pair) holds rows r and r + 16 of each 32-row group."""
+    grouped = packed.reshape(n // 32, k // 2, 16, 2).permute(0, 2, 1, 3).to(torch.int32)
+    return torch.cat((grouped & 0xF, (grouped >> 4) & 0xF), dim=1).reshape(n, k)
+
+
+def hf_int4_dequantize(info, qweight, qzeros, scales) -> torch.Tensor:
+    """(in_features, out_features) float32 in the kernel's (possibly permuted) input order."""
+    codes = unpack_hf_int4(qweight, info.out_features, info.in_features)
+    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    g = torch.arange(info.in_features, device=qweight.device) // group
+    return (codes.t().float() - qzeros[g].float()) * scales[g].float()
+
+
+def _hf_int4_forward(info, x, tensors):
+    named = _named(info, tensors)
+    if "ret_idx" in named:
+        x = x.index_select(-1, named["ret_idx"].long())
+    weight = hf_int4_dequantize(info, named["qweight"], named["qzeros"], named["scales"]).to(x.dtype)
+    return _add_bias(torch.matmul(x, weight), named)
+
+
+hf_int4 = SimpleNamespace(name="cpu-avx512-int4", torch_forward=_hf_int4_forward, dequantize=hf_int4_dequantize)
