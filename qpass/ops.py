@@ -33,22 +33,22 @@ def site_op(
     xa: list[torch.Tensor],
     base: list[torch.Tensor],
     adapter: list[torch.Tensor],
-    site_id: int,
+    site_key: str,
     names: str,
 ) -> torch.Tensor:
-    site = _site.get(site_id)
+    site = _site.get(site_key)
     return site.run(x, xa, base, adapter, split_names(names), site.torch_base)
 
 
 @site_op.register_fake
-def _(x, xa, base, adapter, site_id, names):
-    site = _site.get(site_id)
+def _(x, xa, base, adapter, site_key, names):
+    site = _site.get(site_key)
     return x.new_empty((*x.shape[:-1], site.info.out_features))
 
 
 def _setup_context(ctx, inputs, output):
-    x, xa, base, adapter, site_id, names = inputs
-    ctx.site_id = site_id
+    x, xa, base, adapter, site_key, names = inputs
+    ctx.site_key = site_key
     ctx.names = split_names(names)
     ctx.counts = (len(xa), len(base), len(adapter))
     ctx.save_for_backward(x, *xa, *base, *adapter)
@@ -61,7 +61,7 @@ def _backward(ctx, grad):
     xa = list(saved[1 : 1 + n_xa])
     base = list(saved[1 + n_xa : 1 + n_xa + n_base])
     adapter = list(saved[1 + n_xa + n_base :])
-    site = _site.get(ctx.site_id)
+    site = _site.get(ctx.site_key)
     float_adapter = [t.is_floating_point() for t in adapter]
 
     def f(x, xa, trainable):

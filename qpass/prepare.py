@@ -69,7 +69,7 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         xa = site.adapter_inputs(x, names, self.training)
         adapter = [t for n in names for t in slots[n].tensors()]
-        return torch.ops.qpass.site(x, xa, site.base_tensors(), adapter, site.id, join_names(names))
+        return torch.ops.qpass.site(x, xa, site.base_tensors(), adapter, site.key, join_names(names))
     if not names:
         return site.eager_base(x)
     xa = site.adapter_inputs(x, names, self.training)

@@ -20,8 +20,8 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "torch-dequant") -> lis
     for node in list(gm.graph.nodes):
         if not is_site_node(node):
             continue
-        x, xa, base, adapter, site_id, names = node.args
-        site = _site.get(site_id)
+        x, xa, base, adapter, site_key, names = node.args
+        site = _site.get(site_key)
         fn = site.lowered(split_names(names), lowering)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(fn, args=(x, list(xa), list(base), list(adapter)))

@@ -25,11 +25,13 @@ _SITES: dict = {}
 _ids = itertools.count()
 
 
-def get(site_id: int) -> "Site":
+def get(key: str) -> "Site":
+    """The site a `qpass::site` node names. The key is a string, never an int: dynamo may turn an int that
+    differs between compiles of the same code (one decoder layer's sites vs the next's) into a SymInt."""
     try:
-        return _SITES[site_id]
-    except KeyError:
-        raise RuntimeError(f"qpass site {site_id} no longer exists (its model was unprepared or freed)") from None
+        return _SITES[int(key)]
+    except (KeyError, ValueError):
+        raise RuntimeError(f"qpass site {key!r} no longer exists (its model was unprepared or freed)") from None
 
 
 @dataclass(eq=False)
@@ -46,6 +48,10 @@ class Site:
 
     def __post_init__(self):
         _SITES[self.id] = self
+
+    @property
+    def key(self) -> str:
+        return str(self.id)
 
     @classmethod
     def create(cls, path: str, info: QuantInfo, module: nn.Module) -> "Site":
@@ -83,7 +89,7 @@ class Site:
             if slot.spec.attach != "output":
                 continue
             xa = policy.cast_input(self.policy(slot), x, slot.dtype)
-            if slot.dropout_p > 0 and training:
+            if training and slot.dropout_p > 0:  # in eval dropout_p is never read, so changing it never recompiles
                 xa = torch.nn.functional.dropout(xa, slot.dropout_p, True)
             out.append(xa)
         return out

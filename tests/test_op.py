@@ -29,7 +29,7 @@ def test_opcheck(dtype, lora_bias):
     x = torch.randn(2, 3, 64, dtype=dtype, requires_grad=True)
     xa = site.adapter_inputs(x, names, training=False)
     adapter = [t for t in layer.qpass_adapters["default"].tensors()]
-    args = (x, xa, site.base_tensors(), adapter, site.id, join_names(names))
+    args = (x, xa, site.base_tensors(), adapter, site.key, join_names(names))
     torch.library.opcheck(torch.ops.qpass.site.default, args)
 
 
@@ -39,7 +39,7 @@ def test_op_backward_matches_eager_math():
     x = torch.randn(4, 64, requires_grad=True)
     slot = layer.qpass_adapters["default"]
     adapter = slot.tensors()
-    out = torch.ops.qpass.site(x, [x], site.base_tensors(), adapter, site.id, "default")
+    out = torch.ops.qpass.site(x, [x], site.base_tensors(), adapter, site.key, "default")
     out.square().sum().backward()
     grads = [x.grad.clone()] + [p.grad.clone() for p in slot.parameters()]
     x.grad = None
