@@ -62,5 +62,23 @@ def main(method: str, out: str) -> None:
     tokenizer.save_pretrained(out)
 
 
+def session_checkpoints(tmp_path_factory, methods=("gptq", "awq")) -> dict:
+    """method -> checkpoint dir, built once per pytest session (shared by every test module that asks)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(tmp_path_factory.getbasetemp()) / "qpass-checkpoints"
+    root.mkdir(exist_ok=True)
+    todo = [m for m in methods if not (root / m / "config.json").is_file()]
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
+    procs = {m: subprocess.Popen([sys.executable, __file__, m, str(root / m)], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True) for m in todo}
+    for m, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"quantizing the {m} checkpoint with gptqmodel failed:\n{err[-3000:]}")
+    return {m: root / m for m in methods}
+
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])

@@ -6,11 +6,6 @@ gptqmodel picks the layer class at load time (on an AVX-512 CPU: TorchCpuAvx512L
 inference-only kernels that refuse `train()`); qpass computes those sites' base itself, so they train.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,27 +14,16 @@ peft = pytest.importorskip("peft")
 import qpass
 from qpass.quant import QuantInfo, match
 
+from ckpt_build import session_checkpoints
 from conftest import LOGIT_TOL
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def build_all(methods, root: Path) -> dict:
-    """Quantize one checkpoint per method, in parallel subprocesses (see ckpt_build.py for why subprocesses)."""
-    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
-    procs = {m: subprocess.Popen([sys.executable, str(HERE / "ckpt_build.py"), m, str(root / m)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for m in methods}
-    for m, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"quantizing the {m} checkpoint failed:\n{err[-3000:]}"
-    return {m: root / m for m in methods}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return build_all(("gptq", "awq"), tmp_path_factory.mktemp("ckpt"))
+    return session_checkpoints(tmp_path_factory)
 
 
 def load(path):
