@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import QuantInfo, Unsupported, layouts
+from .packing import int4pack_block_n
 from .packing import unpack_stream
 
 LIBRARY = "gptqmodel"
@@ -72,6 +73,7 @@ def match(module: nn.Module):
         extra = ("ret_idx",) if _needs_permutation(module) else ()
         return QuantInfo(buffers=("qweight", "qzeros", "scales") + extra + bias, matcher=layouts.hf_int4, **common)
     if qweight is not None and qweight.dtype == torch.uint8:  # repacked for aten int4pack by an eval forward
+        int4pack_block_n()  # probe this CPU's layout now, in eager, not while dynamo traces the site
         if cls_name == "TorchFusedLinear" and not common["sym"]:
             return Unsupported(LIBRARY, cls_name, "TorchFusedLinear's CPU repack (run by its first eval forward) "
                                "zeroed the asymmetric zero points, so the weights are lost; prepare the model "

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import QuantInfo, Unsupported, layouts
+from .packing import int4pack_block_n
 
 LIBRARY = "gptqmodel"
 _CLASSES = {
@@ -69,6 +70,7 @@ def match(module: nn.Module):
     if qweight.dtype == torch.uint8 and name == "TorchCpuAvx512AwqLinear":  # repacked by a bf16 eval forward
         return QuantInfo(buffers=("qweight", "qzeros", "scales") + bias, matcher=layouts.hf_int4, **common)
     if qweight.dtype == torch.uint8:  # repacked for aten int4pack by an eval forward
+        int4pack_block_n()  # probe this CPU's layout now, in eager, not while dynamo traces the site
         return QuantInfo(buffers=("qweight", "scales_and_zeros") + bias, matcher=layouts.int4pack_cpu, **common)
     if not 2 <= bits <= 8 or qweight.dtype != torch.int32:
         return Unsupported(LIBRARY, cls_name, f"{bits}-bit / {qweight.dtype} AWQ packing is not lowered by qpass")
