@@ -64,6 +64,12 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
     site: Site = self._qpass_site
     if x.shape[-1] != site.info.in_features:
         raise QpassError(f"{site.path}: input has {x.shape[-1]} features, the layer expects {site.info.in_features}")
+    if not x.is_floating_point():
+        raise QpassError(f"{site.path}: input dtype {x.dtype} cannot be served; pass float16, bfloat16 or float32 activations")
+    device = getattr(self, site.info.buffers[0]).device
+    if x.device != device:
+        raise QpassError(f"{site.path}: input is on {x.device} but the layer's weights are on {device}; "
+                         "move the model or the input so they match")
     names = site.active_names()
     slots = self.qpass_adapters
     if torch.compiler.is_compiling():

@@ -235,6 +235,23 @@ def test_wrong_input_width_names_the_site():
         layer(torch.randn(2, 63))
 
 
+def test_input_the_sites_cannot_serve():
+    model = qpass.prepare(make_model(), qpass.LoraConfig(target_modules=["q_proj"]))
+    layer = model.model.layers[1].self_attn.q_proj
+    with pytest.raises(QpassError, match=r"layers\.1\.self_attn\.q_proj: input dtype torch\.int64 cannot be served"):
+        layer(torch.ones(2, 64, dtype=torch.long))
+    with pytest.raises(QpassError, match=r"layers\.1\.self_attn\.q_proj: input is on meta but the layer's weights are on cpu"):
+        layer(torch.empty(2, 64, device="meta"))
+    compiled = torch.compile(torch.nn.Sequential(layer), backend=qpass.backend("eager"))
+    with pytest.raises(QpassError, match=r"input dtype torch\.int32 cannot be served"):
+        compiled(torch.ones(1, 3, 64, dtype=torch.int32))
+
+
+def test_max_rank_must_be_positive():
+    expect_error(make_model(), qpass.LoraConfig(target_modules=["q_proj"]), QpassError, r"max_rank must be a positive integer",
+                 max_rank=0)
+
+
 def test_report_before_prepare():
     with pytest.raises(QpassError, match=r"is not prepared by qpass; call qpass\.prepare"):
         qpass.report(make_model())
