@@ -370,10 +370,17 @@ def test_prepared_repacking_class_keeps_its_layout_through_train_and_eval():
         model(torch.randn(2, IN, dtype=torch.bfloat16))
     assert q.qweight.dtype == torch.int32 and torch.equal(q.qweight, before)
     # an inference-only class that refuses train() can be trained under qpass
-    model = qpass.prepare(Net(make_layer("gptqmodel/TorchCpuAvx512Linear 4b asym")), peft.LoraConfig(r=2, target_modules=["proj"]))
+    layer = make_layer("gptqmodel/TorchCpuAvx512Linear 4b asym")
+    with pytest.raises(NotImplementedError):
+        layer.train()  # gptqmodel: "an inference-only CPU kernel"
+    model = qpass.prepare(Net(layer), peft.LoraConfig(r=2, target_modules=["proj"]))
     model.train()
     model(torch.randn(2, IN)).sum().backward()
-    qpass.unprepare(model) if hasattr(qpass, "unprepare") else None
+    assert model.proj.qpass_adapters["default"].lora_B.weight.grad.abs().sum() > 0
+    qpass.unprepare(model)  # the library's own train() is back
+    assert "train" not in layer.__dict__
+    with pytest.raises(NotImplementedError):
+        layer.train()
 
 
 if __name__ == "__main__":  # run the cross product and print the measured table
