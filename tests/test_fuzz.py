@@ -114,3 +114,77 @@ def test_lora_equals_library_dequant_plus_math(shape, opts):
         ref = (y + delta * scaling).to(dtype)
         _compare(holder(x), ref, dtype, "eager")
         _compare(_op_output(holder, x), ref, dtype, "op")
+
+
+def _peft_config(kind, opts):
+    if kind == "qalora":
+        return peft.LoraConfig(target_modules=["proj"], r=opts["r"], lora_alpha=opts["alpha"],
+                               use_qalora=True, qalora_group_size=opts["group"])
+    return peft.OFTConfig(target_modules=["proj"], r=0, oft_block_size=opts["block"], coft=opts["coft"],
+                          block_share=opts["share"], use_cayley_neumann=opts["neumann"])
+
+
+batched = shapes.filter(lambda s: len(s["batch"]) >= 1)  # PEFT's QA-LoRA crashes on 1-D input; qpass does not
+other = st.fixed_dictionaries({
+    "kind": st.sampled_from(["qalora", "oft"]),
+    "r": st.integers(1, 6),
+    "alpha": st.sampled_from([2, 8]),
+    "group": st.sampled_from([8, 16, 32]),
+    "block": st.sampled_from([4, 8, 16]),
+    "coft": st.booleans(),
+    "share": st.booleans(),
+    "neumann": st.booleans(),
+})
+
+
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(shape=batched, opts=other)
+def test_qalora_and_oft_equal_peft(shape, opts):
+    """QA-LoRA and OFT over random layers and options, against PEFT with random adapter weights."""
+    group = shape["in_f"] if shape["group"] == -1 else shape["group"]
+    args = (shape["in_f"], shape["out_f"], shape["bits"], group, shape["sym"], shape["desc_act"], shape["bias"], shape["seed"])
+    dtype = shape["dtype"]
+    reference = peft.get_peft_model(Holder(_layer(*args)), _peft_config(opts["kind"], opts))
+    g = torch.Generator().manual_seed(shape["seed"])
+    with torch.no_grad():
+        for name, p in sorted(reference.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    reference.eval()
+    x = torch.randn(*shape["batch"], shape["in_f"], generator=g).to(dtype)
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        reference.save_pretrained(d)
+        ref = reference(x)
+        ours = qpass.prepare(Holder(_layer(*args)), d)
+        ours.eval()
+        _compare(ours(x), ref, dtype, f"{opts['kind']} eager")
+        _compare(_op_output(ours, x), ref, dtype, f"{opts['kind']} op")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(shape=shapes, r=st.integers(1, 6), alpha=st.sampled_from([0, 4, 16]))
+def test_adalora_equals_library_dequant_plus_math(shape, r, alpha):
+    """AdaLoRA (PEFT wraps only gptqmodel's TorchAtenLinear for it): gptqmodel's dequantize + the SVD form written out,
+    whole delta in fp32 (PEFT SVDQuantLinear's policy)."""
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+
+    group = shape["in_f"] if shape["group"] == -1 else shape["group"]
+    dtype = shape["dtype"]
+    layer = _layer(shape["in_f"], shape["out_f"], shape["bits"], group, shape["sym"], shape["desc_act"], shape["bias"], shape["seed"])
+    cfg = qpass.AdaLoraConfig(target_modules=["proj"], init_r=r, target_r=1, lora_alpha=alpha, total_step=100)
+    holder = qpass.prepare(Holder(layer), cfg)
+    slot = layer.qpass_adapters["default"]
+    g = torch.Generator().manual_seed(shape["seed"])
+    with torch.no_grad():
+        for name in ("lora_A", "lora_E", "lora_B"):
+            slot.get(name).copy_(torch.randn(slot.get(name).shape, generator=g) * 0.1)
+    x = torch.randn(*shape["batch"], shape["in_f"], generator=g).to(dtype)
+    with torch.no_grad():
+        W = PackableQuantLinear.dequantize_weight(layer).to(dtype)
+        y = x @ W + (layer.bias.to(dtype) if layer.bias is not None else 0)
+        A, E, B = slot.get("lora_A"), slot.get("lora_E"), slot.get("lora_B")
+        scaling = alpha if alpha > 0 else r
+        delta = (x.float() @ (A * E).T @ B.T) * scaling / (r + 1e-5)
+        ref = y + delta.to(dtype)
+        _compare(holder(x), ref, dtype, "eager")
+        _compare(_op_output(holder, x), ref, dtype, "op")
