@@ -34,15 +34,17 @@ class QpassBackend:
     """Callable torch.compile backend. `state` (set by `qpass.compile`) attributes every graph to one model;
     otherwise graphs are attributed to the models whose sites they contain."""
 
-    def __init__(self, inner="inductor", lowering: str = "torch-dequant", state=None):
+    def __init__(self, inner="inductor", lowering: str = "auto", state=None, fuse_siblings: bool = True):
         self.inner_name = inner if isinstance(inner, str) else getattr(inner, "__name__", "custom")
         self.inner = _inner_compiler(inner)
         self.lowering = lowering
+        self.fuse_siblings = fuse_siblings
         self.state = state
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         start = time.perf_counter()
-        sites = rewrite(gm, lowering=self.lowering)
+        needs_grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs)
+        sites = rewrite(gm, lowering=self.lowering, needs_grad=needs_grad, fuse_siblings=self.fuse_siblings)
         compiled = self.inner(gm, example_inputs)
         self._record(sites, time.perf_counter() - start)
         return compiled
@@ -75,13 +77,14 @@ class QpassBackend:
                 site = by_path.get(row.module)
                 if site is not None and state.sites.get(row.module) is site:
                     row.status = "rewritten" if row.adapter else "rewritten (base only: not in target_modules)"
-                    row.base = f"{self.lowering} ({self.inner_name})"
+                    used = "; ".join(getattr(site, "lowerings_used", None) or [self.lowering])
+                    row.base = f"{used} ({self.inner_name})"
 
 
-def backend(inner="inductor", *, lowering: str = "torch-dequant") -> QpassBackend:
+def backend(inner="inductor", *, lowering: str = "auto", fuse_siblings: bool = True) -> QpassBackend:
     """A torch.compile backend that rewrites qpass sites, then compiles with `inner`
     ("inductor", "aot_eager", "eager", or any backend callable)."""
-    return QpassBackend(inner, lowering)
+    return QpassBackend(inner, lowering, fuse_siblings=fuse_siblings)
 
 
 @torch._dynamo.register_backend(name="qpass")

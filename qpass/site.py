@@ -135,10 +135,13 @@ class Site:
     def eager_base_fn(self, h, base):
         return self.eager_base(h)
 
-    def lowered(self, names: tuple, lowering: str = "torch-dequant"):
-        """The function the backend splices into the graph in place of this site's op node."""
+    def lowered(self, names: tuple, lowering: str = "torch-dequant", needs_grad: bool = False):
+        """The function the backend splices into the graph in place of this site's op node. Lowerings other
+        than plain-torch dequant (device int4 kernels) live in `qpass.lowering`."""
         if lowering != "torch-dequant":
-            raise ValueError(f"unknown base lowering {lowering!r}")
+            from .lowering import lowered_site
+
+            return lowered_site(self, names, lowering, needs_grad)
 
         def fn(x, xa, base, adapter):
             return self.run(x, list(xa), list(base), list(adapter), names, self.torch_base)

@@ -1,0 +1,598 @@
+"""qpass benchmark harness: one process, interleaved runs after warm-up, medians; JSON + PNG with ratios.
+
+    .venv/bin/python benchmarks/run.py            # full: Llama hidden 1024 / intermediate 2816 / 4 layers / vocab 4096
+    .venv/bin/python benchmarks/run.py --quick    # tiny sizes, few repeats (what tests/test_benchmarks.py runs)
+
+Configurations (all bf16, LoRA r=16 alpha=32 on all 7 projections, 4-bit group 128 real gptqmodel/autoawq layers):
+  peft_eager         PEFT on gptqmodel TorchLinear, eager
+  peft_compiled      same, torch.compile (inductor)
+  peft_aten_compiled PEFT on gptqmodel TorchAtenLinear (CPU int4 kernel), torch.compile — the strongest peer
+                     (inference only: the layer locks its mode on its first forward)
+  qpass              qpass.compile (LoRA), inductor
+  qpass_base         qpass with every adapter disabled (the quantized base, qpass-lowered), compiled
+  base_eager         the quantized model without adapters, gptqmodel TorchLinear, eager
+  base_compiled      same, torch.compile (graph breaks in the library; not in the default set, qpass_base is the
+                     compiled quantized base)
+  dense_lora_compiled  the unquantized bf16 model + PEFT LoRA, torch.compile
+  qpass_awq / peft_awq_eager / peft_aten_awq_compiled   the same for AWQ layers (autoawq WQLinear_GEMM for
+                     qpass, gptqmodel AwqTorchLinear / TorchAtenAwqLinear for PEFT)
+Workloads:
+  decode   one new token with a KV cache (transformers DynamicCache) holding the prompt's 128 positions; the
+           cache is cropped back to 128 after each step so every timed step has the same shapes
+  prefill  1 x 128 tokens, no cache (use_cache=False)
+  train    1 x 128 tokens: forward + loss + backward + AdamW step + zero_grad
+Timing: every (config, workload) is warmed up (the first call compiles; its time minus the median is reported as
+compile seconds), then rounds run each (workload, config) once in turn; medians over rounds.
+Memory: tensor bytes each model holds (parameters, buffers, qpass's repacked int4 copies) and the process RSS
+growth sampled during each configuration's calls; the process peak RSS (ru_maxrss) too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=16, vocab_size=4096)
+QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=256)
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORKLOADS = ("decode", "prefill", "train")
+FULL_CONFIGS = ["peft_eager", "peft_compiled", "peft_aten_compiled", "qpass", "qpass_base", "base_eager",
+                "dense_lora_compiled", "qpass_awq", "peft_awq_eager", "peft_aten_awq_compiled"]
+QUICK_CONFIGS = ["peft_eager", "qpass", "qpass_base", "base_eager"]  # one compiled configuration family: fast
+DTYPE = torch.bfloat16
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Samples the process RSS every millisecond while `with sampler.window():` is open; keeps the max."""
+
+    def __init__(self):
+        self.peak = 0
+        self.active = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop:
+            if self.active:
+                self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def measure(self, fn):
+        start = rss_bytes()
+        self.peak = start
+        self.active = True
+        try:
+            fn()
+        finally:
+            self.active = False
+        return start, max(self.peak, rss_bytes())
+
+    def close(self):
+        self._stop = True
+
+
+def tensor_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+
+def build(kind: str, sizes: dict, group: int, seed: int = 0):
+    from qpass import toy
+
+    if kind == "dense":
+        return toy.build_llama(seed=seed, dtype=DTYPE, **sizes)
+    if kind in ("gptq_torch", "gptq_aten"):
+        cls = None
+        if kind == "gptq_aten":
+            from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear as cls
+        model = toy.build_llama(seed=seed, dtype=DTYPE, **sizes)
+        return toy.quantize_gptq(model, bits=4, group_size=group, sym=True, cls=cls).to(DTYPE)
+    if kind in ("awq_autoawq", "awq_torch", "awq_aten"):
+        cls = None
+        if kind == "awq_torch":
+            from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear as cls
+        if kind == "awq_aten":
+            from gptqmodel.nn_modules.qlinear.torch_aten_kernel_awq import TorchAtenAwqLinear as cls
+        model = toy.build_llama(seed=seed, dtype=DTYPE, **sizes)
+        return toy.quantize_awq(model, bits=4, group_size=group, cls=cls).to(DTYPE)
+    raise ValueError(kind)
+
+
+def peft_wrap(model, r):
+    import peft
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ, lora_dropout=0.0)
+    return peft.get_peft_model(model, cfg)
+
+
+def randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+
+
+class Config:
+    """One configuration: a model and how to call it; `workloads` lists what it supports."""
+
+    def __init__(self, name, model, call, *, workloads=WORKLOADS, note="", qpass_model=None, group=None):
+        self.name, self.model, self.call = name, model, call
+        self.workloads = tuple(workloads)
+        self.note = note
+        self.qpass_model = qpass_model
+        self.group = group
+
+
+def make_configs(names, sizes, group, r):
+    import qpass
+
+    cfgs = []
+
+    def qpass_cfg(name, kind, base_only=False):
+        model = build(kind, sizes, group)
+        qpass.prepare(model, qpass.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+        randomize_lora(model)
+        if base_only:
+            for site in model._qpass.sites.values():
+                site.disabled = True
+        compiled = torch.compile(model, backend=qpass.backend())
+        return Config(name, model, compiled, qpass_model=model, group="awq" if "awq" in kind else "gptq",
+                      workloads=("decode", "prefill") if base_only else WORKLOADS,
+                      note="adapters disabled: nothing to train" if base_only else "")
+
+    for name in names:
+        if name == "peft_eager":
+            m = peft_wrap(build("gptq_torch", sizes, group), r)
+            randomize_lora(m)
+            cfgs.append(Config(name, m, m, group="gptq"))
+        elif name == "peft_compiled":
+            m = peft_wrap(build("gptq_torch", sizes, group), r)
+            randomize_lora(m)
+            cfgs.append(Config(name, m, torch.compile(m), group="gptq"))
+        elif name == "peft_aten_compiled":
+            m = peft_wrap(build("gptq_aten", sizes, group), r)
+            randomize_lora(m)
+            cfgs.append(Config(name, m, torch.compile(m), workloads=("decode", "prefill"), group="gptq",
+                               note="TorchAtenLinear locks inference mode on its first forward: no training"))
+        elif name == "qpass":
+            cfgs.append(qpass_cfg(name, "gptq_torch"))
+        elif name == "qpass_base":
+            cfgs.append(qpass_cfg(name, "gptq_torch", base_only=True))
+        elif name == "base_eager":
+            m = build("gptq_torch", sizes, group)
+            cfgs.append(Config(name, m, m, workloads=("decode", "prefill"), group="gptq", note="no adapters: nothing to train"))
+        elif name == "base_compiled":
+            m = build("gptq_torch", sizes, group)
+            cfgs.append(Config(name, m, torch.compile(m), workloads=("decode", "prefill"), group="gptq",
+                               note="no adapters: nothing to train"))
+        elif name == "dense_lora_compiled":
+            m = peft_wrap(build("dense", sizes, group), r)
+            randomize_lora(m)
+            cfgs.append(Config(name, m, torch.compile(m), group="dense"))
+        elif name == "qpass_awq":
+            cfgs.append(qpass_cfg(name, "awq_autoawq"))
+        elif name == "peft_awq_eager":
+            m = peft_wrap(build("awq_torch", sizes, group), r)
+            randomize_lora(m)
+            cfgs.append(Config(name, m, m, group="awq"))
+        elif name == "peft_aten_awq_compiled":
+            m = peft_wrap(build("awq_aten", sizes, group), r)
+            randomize_lora(m)
+            cfgs.append(Config(name, m, torch.compile(m), workloads=("decode", "prefill"), group="awq",
+                               note="TorchAtenAwqLinear locks inference mode on its first forward: no training"))
+        else:
+            raise SystemExit(f"unknown configuration {name!r}")
+    return cfgs
+
+
+# ---- workloads ----------------------------------------------------------------------------------------
+
+
+class Workloads:
+    def __init__(self, vocab, prompt=128, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.prompt = torch.randint(0, vocab, (1, prompt), generator=g)
+        self.next_token = torch.randint(0, vocab, (1, 1), generator=g)
+        self.caches = {}
+        self.optimizers = {}
+
+    def _cache(self, cfg):
+        from transformers import DynamicCache
+
+        if cfg.name not in self.caches:
+            cfg.model.eval()
+            cache = DynamicCache(config=getattr(cfg.model, "config", None))
+            with torch.no_grad():
+                cfg.model(self.prompt, past_key_values=cache, use_cache=True)  # eager prefill fills the cache
+            self.caches[cfg.name] = cache
+        return self.caches[cfg.name]
+
+    def decode(self, cfg):
+        cache = self._cache(cfg)
+        cfg.model.eval()
+        n = self.prompt.shape[1]
+        with torch.no_grad():
+            out = cfg.call(self.next_token, past_key_values=cache, use_cache=True,
+                           cache_position=torch.tensor([n]), position_ids=torch.tensor([[n]]))
+        cache.crop(-1)  # back to the prompt: every timed step sees the same shapes
+        return out.logits
+
+    def prefill(self, cfg):
+        cfg.model.eval()
+        with torch.no_grad():
+            return cfg.call(self.prompt, use_cache=False).logits
+
+    def train(self, cfg):
+        cfg.model.train()
+        opt = self.optimizers.get(cfg.name)
+        if opt is None:
+            params = [p for p in cfg.model.parameters() if p.requires_grad]
+            opt = self.optimizers[cfg.name] = torch.optim.AdamW(params, lr=1e-4)
+        loss = cfg.call(self.prompt, labels=self.prompt, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+
+def dynamo_counts():
+    c = torch._dynamo.utils.counters
+    return c["stats"].get("unique_graphs", 0), sum(c["graph_break"].values())
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+
+
+def run(args):
+    sizes = QUICK if args.quick else FULL
+    group = 32 if args.quick else 128
+    repeats = args.repeats or (3 if args.quick else 12)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.configs.split(",") if args.configs else (QUICK_CONFIGS if args.quick else FULL_CONFIGS)
+    workloads = args.workloads.split(",") if args.workloads else list(WORKLOADS)
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    print(f"building {len(names)} configurations ({'quick' if args.quick else 'full'} sizes {sizes})", flush=True)
+    cfgs = make_configs(names, sizes, group, args.rank)
+    w = Workloads(sizes["vocab_size"], prompt=16 if args.quick else 128)
+    sampler = RssSampler()
+    results = {c.name: {"note": c.note, "group": c.group, "tensor_bytes": tensor_bytes(c.model)} for c in cfgs}
+
+    # warm-up: first call compiles; graphs / breaks counted per (config, workload)
+    for wl in workloads:
+        for c in cfgs:
+            if wl not in c.workloads:
+                continue
+            graphs0, breaks0 = dynamo_counts()
+            t0 = time.perf_counter()
+            getattr(w, wl)(c)
+            first = time.perf_counter() - t0
+            for _ in range(args.warmup):
+                getattr(w, wl)(c)
+            graphs1, breaks1 = dynamo_counts()
+            results[c.name].setdefault(wl, {}).update(first_call_s=first, graphs=graphs1 - graphs0,
+                                                       graph_breaks=breaks1 - breaks0)
+            print(f"  warm {wl:8s} {c.name:24s} first call {first:7.2f} s  graphs {graphs1 - graphs0} "
+                  f"breaks {breaks1 - breaks0}", flush=True)
+
+    # interleaved timed rounds
+    times = {(c.name, wl): [] for c in cfgs for wl in workloads if wl in c.workloads}
+    rss = {c.name: 0 for c in cfgs}
+    for r in range(repeats):
+        for wl in workloads:
+            for c in cfgs:
+                if wl not in c.workloads:
+                    continue
+                box = {}
+
+                def once():
+                    t0 = time.perf_counter()
+                    getattr(w, wl)(c)
+                    box["t"] = time.perf_counter() - t0
+
+                start, peak = sampler.measure(once)
+                times[(c.name, wl)].append(box["t"] * 1e3)
+                rss[c.name] = max(rss[c.name], peak - start)
+    for (name, wl), ts in times.items():
+        med = statistics.median(ts)
+        entry = results[name][wl]
+        entry.update(median_ms=med, min_ms=min(ts), max_ms=max(ts), n=len(ts),
+                     compile_s=max(0.0, entry["first_call_s"] - med / 1e3))
+    for c in cfgs:
+        results[c.name]["step_rss_growth_bytes"] = rss[c.name]
+        if c.qpass_model is not None:
+            from qpass import lowering
+
+            sites = list(c.qpass_model._qpass.sites.values())
+            results[c.name]["repacked_bytes"] = lowering.repacked_bytes(sites)
+            rep = c.qpass_model._qpass.report
+            results[c.name]["report_summary"] = rep.summary()
+            results[c.name]["base_lowering"] = sorted({row.base for row in rep.rows if row.base})
+            results[c.name]["adapter_bytes"] = sum(p.numel() * p.element_size() for p in c.qpass_model.parameters()
+                                                   if p.requires_grad)
+
+    extra = {}
+    qp = next((c for c in cfgs if c.name == "qpass"), None)
+    if qp is not None and "decode" in workloads:
+        extra["profile_decode"] = profile(w, qp, args.profile_rows)
+        if "prefill" in workloads:
+            extra["recompiles"] = recompile_check(w, qp)
+    if args.kernels:
+        extra["kernels"] = kernel_table(sizes, group)
+    sampler.close()
+
+    out = {
+        "command": "benchmarks/run.py " + " ".join(sys.argv[1:]),
+        "mode": "quick" if args.quick else "full",
+        "sizes": sizes, "group_size": group, "lora_rank": args.rank, "dtype": str(DTYPE), "repeats": repeats,
+        "environment": {
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        },
+        "decode_method": "1 token with a DynamicCache of 128 prompt positions (cropped back after each step)",
+        "results": results,
+        "targets": targets(results),
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "wall_seconds": time.perf_counter() - t_start,
+        **extra,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(out, indent=1, default=str))
+    if not args.no_plot:
+        plot(out, out_dir / "latest.png")
+    print(table(out))
+    return out
+
+
+# ---- checks and reports ---------------------------------------------------------------------------------
+
+
+def profile(w, cfg, rows):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    for _ in range(2):
+        w.decode(cfg)
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(5):
+            w.decode(cfg)
+    events = sorted(p.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "calls_per_step": e.count / 5, "self_ms_per_step": e.self_cpu_time_total / 5e3,
+             "percent": 100 * e.self_cpu_time_total / total} for e in events[:rows]]
+
+
+def recompile_check(w, cfg):
+    """prefill -> decode (cache growing, its length marked dynamic) -> prefill -> decode: compiles after the
+    first of each shape family are recompiles."""
+    from transformers import DynamicCache
+
+    model = cfg.model
+    model.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=__import__("qpass").backend())
+    frames = lambda: torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)  # noqa: E731
+    log = []
+    n = w.prompt.shape[1]
+    with torch.no_grad():
+        for phase in range(2):
+            cache = DynamicCache(config=model.config)
+            before = frames()
+            ids = w.prompt[:, : n - 4 * phase]  # a different prompt length the second time
+            torch._dynamo.mark_dynamic(ids, 1)
+            compiled(ids, past_key_values=cache, use_cache=True)
+            log.append(("prefill", phase, frames() - before))
+            pos = ids.shape[1]
+            for step in range(3):
+                before = frames()
+                for layer in getattr(cache, "layers", []):
+                    for t in (layer.keys, layer.values):
+                        torch._dynamo.mark_dynamic(t, 2)
+                compiled(w.next_token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]),
+                         position_ids=torch.tensor([[pos]]))
+                log.append(("decode", phase * 3 + step, frames() - before))
+                pos += 1
+    first_prefill = log[0][2]
+    first_decode = log[1][2]
+    after = sum(c for _, _, c in log[2:4]) + sum(c for _, _, c in log[4:])
+    return {"log": log, "graphs_first_prefill": first_prefill, "graphs_first_decode": first_decode,
+            "graphs_after_first_of_each": after}
+
+
+def kernel_table(sizes, group):
+    """Per weight shape of the model: the int4 CPU kernel vs bf16 / fp32 GEMM on an already dense weight
+    (the lower bound of dequant + matmul) vs qpass's compiled torch-dequant of one gptqmodel layer, at 1 and 128 tokens."""
+    import qpass
+    from qpass.toy import gptq_linear_from
+
+    h, i = sizes["hidden_size"], sizes["intermediate_size"]
+    shapes = [(h, h), (h, 3 * h), (h, 2 * i), (i, h)]
+    rows = []
+
+    def best(f, n=15):
+        for _ in range(2):
+            f()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    for k, n in shapes:
+        lin = torch.nn.Linear(k, n, bias=False)
+        q = gptq_linear_from(lin, bits=4, group_size=group).to(DTYPE)
+        codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        sz = torch.randn(k // group, n, 2, dtype=DTYPE)
+        qm = torch.nn.Sequential(q)
+        qpass.prepare(qm, qpass.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        for site in qm._qpass.sites.values():
+            site.disabled = True
+        cq = torch.compile(qm, backend=qpass.backend(lowering="torch-dequant"))
+        for m in (1, 128):
+            x = torch.randn(1, m, k, dtype=DTYPE)
+            wb, wf = torch.randn(k, n, dtype=DTYPE), torch.randn(k, n)
+            with torch.no_grad():
+                rows.append({
+                    "K": k, "N": n, "tokens": m,
+                    "int4pack_cpu_bf16_ms": best(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x[0], packed, group, sz)),
+                    "dense_bf16_mm_ms": best(lambda: x @ wb),
+                    "dense_fp32_mm_ms": best(lambda: x.float() @ wf),
+                    "qpass_torch_dequant_bf16_ms": best(lambda: cq(x)),
+                })
+    return rows
+
+
+def _ms(results, name, wl):
+    return results.get(name, {}).get(wl, {}).get("median_ms")
+
+
+def targets(results):
+    out = []
+
+    def ratio(label, slow_cfg, fast_cfg, wl, goal, higher_is_faster=True):
+        a, b = _ms(results, slow_cfg, wl), _ms(results, fast_cfg, wl)
+        if a is None or b is None:
+            return
+        r = a / b
+        out.append({"target": label, "ratio": round(r, 3), "goal": goal, "met": bool(r >= goal),
+                    "baseline_ms": round(a, 3), "qpass_ms": round(b, 3)})
+
+    for q, sfx in (("qpass", ""), ("qpass_awq", " (AWQ)")):
+        ratio(f"decode vs PEFT+compile TorchAten{sfx}", "peft_aten_compiled" if not sfx else "peft_aten_awq_compiled", q, "decode", 1.2)
+        ratio(f"decode vs PEFT eager TorchLinear{sfx}", "peft_eager" if not sfx else "peft_awq_eager", q, "decode", 10.0)
+        ratio(f"prefill vs PEFT eager TorchLinear{sfx}", "peft_eager" if not sfx else "peft_awq_eager", q, "prefill", 1.5)
+        ratio(f"prefill vs dense bf16 + LoRA compiled{sfx}", "dense_lora_compiled", q, "prefill", 1.0)
+        ratio(f"train step vs PEFT eager{sfx}", "peft_eager" if not sfx else "peft_awq_eager", q, "train", 1.3)
+    for wl in WORKLOADS:
+        a, b = _ms(results, "qpass", wl), _ms(results, "qpass_base", wl)
+        if a is not None and b is not None:
+            out.append({"target": f"qpass LoRA within 10% of qpass base ({wl})", "ratio": round(a / b, 3),
+                        "goal": "<= 1.10", "met": bool(a / b <= 1.10), "baseline_ms": round(b, 3), "qpass_ms": round(a, 3)})
+    q, base = results.get("qpass"), results.get("base_eager")
+    if q and base and "adapter_bytes" in q:
+        held = q["tensor_bytes"] + q.get("repacked_bytes", 0)
+        ref = base["tensor_bytes"] + q["adapter_bytes"]
+        out.append({"target": "memory held: qpass model + repacked copies <= 1.1x quantized base + adapters",
+                    "ratio": round(held / ref, 3), "goal": "<= 1.10", "met": bool(held / ref <= 1.10),
+                    "baseline_bytes": ref, "qpass_bytes": held})
+        gq, gb = q.get("step_rss_growth_bytes", 0), base.get("step_rss_growth_bytes", 0)
+        out.append({"target": "RSS growth during a step: qpass vs quantized base eager", "qpass_bytes": gq,
+                    "baseline_bytes": gb, "met": bool(gq <= 1.1 * gb + (1 << 20)), "goal": "<= 1.1x (+1 MiB slack)"})
+    return out
+
+
+def table(out) -> str:
+    from tabulate import tabulate
+
+    res = out["results"]
+    rows = []
+    for name, r in res.items():
+        row = [name]
+        for wl in WORKLOADS:
+            e = r.get(wl)
+            row.append("—" if not e or "median_ms" not in e else f"{e['median_ms']:.2f}")
+        for wl in WORKLOADS:
+            e = r.get(wl)
+            row.append("—" if not e or "compile_s" not in e else f"{e['compile_s']:.1f}")
+        row.append(sum(r.get(wl, {}).get("graph_breaks", 0) for wl in WORKLOADS))
+        row.append(f"{(r['tensor_bytes'] + r.get('repacked_bytes', 0)) / 2**20:.1f}")
+        rows.append(row)
+    head = ["config", "decode ms", "prefill ms", "train ms", "compile s dec", "compile s pre", "compile s train",
+            "graph breaks", "model MiB"]
+    lines = [tabulate(rows, headers=head, tablefmt="github"), ""]
+    for t in out["targets"]:
+        lines.append(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: {t.get('ratio', '')} (goal {t['goal']})")
+    rc = out.get("recompiles")
+    if rc:
+        lines.append(f"recompiles after the first prefill and first decode: {rc['graphs_after_first_of_each']}")
+    return "\n".join(lines)
+
+
+def plot(out, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = out["results"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
+    for ax, wl in zip(axes, WORKLOADS):
+        names = [n for n in res if _ms(res, n, wl) is not None]
+        vals = [_ms(res, n, wl) for n in names]
+        ref = _ms(res, "peft_eager", wl)
+        colors = ["tab:green" if n.startswith("qpass") else "tab:gray" for n in names]
+        ax.barh(names, vals, color=colors)
+        ax.set_xscale("log")
+        ax.set_title(f"{wl} (ms, median; ratio vs PEFT eager)")
+        for i, v in enumerate(vals):
+            label = f"{v:.1f}" + (f"  ({ref / v:.1f}x)" if ref else "")
+            ax.text(v, i, " " + label, va="center", fontsize=8)
+        ax.invert_yaxis()
+    env = out["environment"]
+    fig.suptitle(f"qpass benchmark ({out['mode']}): {out['sizes']['hidden_size']}/{out['sizes']['intermediate_size']}, "
+                 f"{out['sizes']['num_hidden_layers']} layers, bf16, LoRA r={out['lora_rank']}; "
+                 f"{env['threads']} threads, load {env['loadavg_before'][0]:.1f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (the test runs this)")
+    p.add_argument("--repeats", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--configs", default="", help="comma-separated subset of configurations")
+    p.add_argument("--workloads", default="", help="comma-separated subset of decode,prefill,train")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--kernels", action="store_true", help="also time the int4 kernel vs dense GEMMs per shape")
+    p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results"))
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Base lowerings: how a site's quantized matmul is computed under torch.compile, chosen per device and mode,
+and the fused lowering of sibling LoRA sites that read the same input.
+
+Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
+
+| name            | computes                                                         | where it is chosen by "auto" |
+|-----------------|------------------------------------------------------------------|------------------------------|
+| torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | training (dx through the base), prefill (> DECODE_MAX_TOKENS tokens), fp32/fp16 activations on CPU, layouts the kernels cannot take |
+| int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens, no gradient needed |
+| int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
+
+Why these rules (measured on the benchmark machine, see benchmarks/results/latest.json "kernels"): at one token the
+int4 kernel reads a quarter of the bytes a bf16 GEMV does and wins; at 128 tokens a bf16 GEMM on the
+dequantized weight beats it (the int4 kernel is a GEMV-style kernel), and the kernel with fp32 or fp16
+activations is 10-100x slower on a CPU without avx512_fp16, so those stay on torch-dequant (casting fp32
+activations to bf16 would break the fp32 parity tolerance).
+
+Memory: no dense copy of any weight is kept. The int4pack lowerings keep ONE repacked copy of the 4-bit codes
+(same bytes as `qweight`) plus bf16 scales/zero offsets per site or sibling group, made on first use;
+`repacked_bytes()` reports it. The module's own buffers are untouched (state_dict, eager, training).
+
+The int4 kernels have no autograd formula; in a graph that needs gradients the lowering wraps the kernel in
+`qpass::int4pack_mm`, whose backward is dx = dy @ W^T with W dequantized from the repacked codes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import policy
+from .quant import layouts
+from .quant.packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu, unpack_stream
+
+LOWERINGS = ("auto", "torch-dequant", "int4pack-cpu", "int4pack-cuda")
+DECODE_MAX_TOKENS = 16
+_GROUPS = (32, 64, 128, 256)
+
+
+# ---- what a site's weights look like as (codes, scales, zeros) ------------------------------------------
+
+
+def _codes_scales_zeros(site, base: list):
+    """(codes (K, N) int32, scales (G, N), zero codes (G, N), perm or None) from a site's own buffers, or None
+    if its layout is not a 4-bit grouped one the int4 kernels can take."""
+    info = site.info
+    if info.bits != 4 or info.group_size not in _GROUPS or info.in_features % info.group_size:
+        return None
+    named = dict(zip(info.buffers, base))
+    matcher = info.matcher
+    if matcher is layouts.awq:
+        q = unpack_stream(named["qweight"], 4, dim=1, count=info.out_features)
+        z = unpack_stream(named["qzeros"], 4, dim=1, count=info.out_features)
+        q, z = awq_interleave(q), awq_interleave(z)  # as layouts.awq_dequantize (4-bit AWQ order)
+        return q, named["scales"], z, None
+    if getattr(matcher, "__name__", "").endswith("quant.gptqmodel") and "g_idx" in named:
+        q = unpack_stream(named["qweight"], 4, dim=0, count=info.in_features)
+        z = unpack_stream(named["qzeros"], 4, dim=1, count=info.out_features)
+        g = named["g_idx"].long()
+        canonical = torch.arange(info.in_features, device=g.device) // info.group_size
+        perm = None
+        if not torch.equal(g, canonical):  # act-order: permute the input so that groups are contiguous
+            perm = torch.argsort(g, stable=True)
+            if not torch.equal(g[perm], canonical):
+                return None
+            q = q[perm]
+        return q, named["scales"], z, perm
+    return None
+
+
+@dataclass
+class Packed:
+    """Weights repacked once for an int4 kernel; several sites (siblings) may share one, split by `splits`."""
+
+    device: str
+    weight: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    perm: Optional[torch.Tensor]
+    group_size: int
+    in_features: int
+    splits: tuple  # out_features of each site, in order
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.splits)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list:
+        """What the graph reads (registered on the GraphModule as buffers: fake-tensor tracing needs them as
+        graph tensors, not closure constants)."""
+        return [self.weight, self.scales_and_zeros] + ([self.perm] if self.perm is not None else [])
+
+
+_CACHE: dict = {}  # (device kind, site ids) -> (weakrefs to the base buffers, buffer versions, Packed)
+
+
+def _pack(sites, kind: str) -> Optional[Packed]:
+    parts = []
+    for site in sites:
+        found = _codes_scales_zeros(site, site.base_tensors())
+        if found is None:
+            return None
+        parts.append(found)
+    perms = [p for _, _, _, p in parts]
+    if any(p is not None for p in perms) and not all(p is not None and torch.equal(p, perms[0]) for p in perms):
+        return None  # siblings with different act-order permutations cannot share one input
+    q = torch.cat([c for c, _, _, _ in parts], 1)  # (K, N_total)
+    scales = torch.cat([s for _, s, _, _ in parts], 1).float()
+    zeros = torch.cat([z for _, _, z, _ in parts], 1).float()
+    # the kernels compute scale * (code - 8) + zero_offset; GPTQ/AWQ mean scale * (code - zero)
+    sz = torch.stack([scales, (8 - zeros) * scales], -1).to(torch.bfloat16).contiguous()
+    codes = q.t().contiguous().to(torch.int32)  # (N, K)
+    if kind == "cpu":
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).contiguous()
+        int4pack_block_n()  # probe the layout now, on real tensors (the backward runs it under fake tensors)
+    else:
+        weight = torch.ops.aten._convert_weight_to_int4pack(((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8), 8)
+    info = sites[0].info
+    return Packed(kind, weight, sz, perms[0], info.group_size, info.in_features, tuple(s.info.out_features for s in sites))
+
+
+def packed_for(sites, kind: str) -> Optional[Packed]:
+    """The repacked weights of `sites` (one site, or siblings fused along N), made once and cached; re-made if a
+    base buffer was replaced or changed in place."""
+    key = (kind, tuple(s.id for s in sites))
+    bufs = [b for s in sites for b in s.base_tensors()]
+    versions = tuple((id(b), b._version) for b in bufs)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    with torch.no_grad():
+        packed = _pack(sites, kind)
+    if packed is not None:
+        _CACHE[key] = (versions, packed)
+        for s in sites:  # drop the cache entry when a site goes away
+            weakref.finalize(s, _CACHE.pop, key, None)
+    return packed
+
+
+def repacked_bytes(sites=None) -> int:
+    """Bytes held by repacked weights (for memory accounting): all of them, or those covering `sites`."""
+    ids = None if sites is None else {s.id for s in sites}
+    return sum(p.nbytes() for (_, key), (_, p) in _CACHE.items() if ids is None or ids & set(key))
+
+
+# ---- the int4 kernels, with an autograd formula for graphs that need dx ---------------------------------
+
+
+def _dequant_packed(packed: Packed, weight, sz) -> torch.Tensor:
+    """(K, N) float32 from the repacked codes (CPU layout; the backward of the CPU kernel)."""
+    codes = unpack_int4pack_cpu(weight, packed.out_features, packed.in_features, int4pack_block_n())  # (N, K)
+    g = torch.arange(packed.in_features, device=weight.device) // packed.group_size
+    return (codes.t() - 8).float() * sz[g, :, 0].float() + sz[g, :, 1].float()
+
+
+@torch.library.custom_op("qpass::int4pack_mm_cpu", mutates_args=())
+def int4pack_mm_cpu(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros)
+
+
+@int4pack_mm_cpu.register_fake
+def _(x, weight, scales_and_zeros, group_size):
+    return x.new_empty((x.shape[0], scales_and_zeros.shape[1]))
+
+
+def _int4_setup(ctx, inputs, output):
+    x, weight, sz, group_size = inputs
+    ctx.save_for_backward(weight, sz)
+    ctx.group_size, ctx.k = group_size, x.shape[1]
+
+
+def _int4_backward(ctx, grad):
+    weight, sz = ctx.saved_tensors
+    fake = Packed("cpu", weight, sz, None, ctx.group_size, ctx.k, (sz.shape[1],))
+    w = _dequant_packed(fake, weight, sz)  # (K, N)
+    return (grad.float() @ w.t()).to(grad.dtype), None, None, None
+
+
+int4pack_mm_cpu.register_autograd(_int4_backward, setup_context=_int4_setup)
+
+
+def _int4_matmul(packed: Packed, h: torch.Tensor, needs_grad: bool, tensors: list) -> torch.Tensor:
+    weight, sz, *perm = tensors
+    x = h.reshape(-1, packed.in_features)
+    if perm:
+        x = x.index_select(-1, perm[0])
+    x = x.to(torch.bfloat16).contiguous()
+    if packed.device == "cuda":
+        y = torch.ops.aten._weight_int4pack_mm(x, weight, packed.group_size, sz)
+    elif needs_grad:
+        y = torch.ops.qpass.int4pack_mm_cpu(x, weight, sz, packed.group_size)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, packed.group_size, sz)
+    return y.reshape(*h.shape[:-1], packed.out_features)
+
+
+def _add_bias(site, y, base):
+    named = dict(zip(site.info.buffers, base))
+    bias = named.get("bias")
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+# ---- choosing ------------------------------------------------------------------------------------------
+
+
+def _tokens(x) -> Optional[int]:
+    n = 1
+    for d in x.shape[:-1]:
+        if not isinstance(d, int):
+            return None  # symbolic: not known to be a decode step
+        n *= d
+    return n
+
+
+def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
+    """The lowering for `site` given its input (a fake tensor from the graph) and whether the graph needs
+    gradients. An explicit request other than "auto" is honoured where it can run, else torch-dequant."""
+    if requested not in LOWERINGS:
+        raise ValueError(f"unknown base lowering {requested!r}; one of {LOWERINGS}")
+    if requested == "torch-dequant" or x is None:
+        return "torch-dequant"
+    kind = x.device.type
+    if requested != "auto":
+        want = requested.rsplit("-", 1)[-1]
+        return requested if want == kind and _codes_ok(site) else "torch-dequant"
+    tokens = _tokens(x)
+    if (kind in ("cpu", "cuda") and x.dtype == torch.bfloat16 and not needs_grad and tokens is not None
+            and tokens <= DECODE_MAX_TOKENS and _codes_ok(site)):
+        return f"int4pack-{kind}"
+    return "torch-dequant"
+
+
+def _codes_ok(site) -> bool:
+    info = site.info
+    if info.bits != 4 or info.group_size not in _GROUPS or info.in_features % info.group_size:
+        return False
+    if info.matcher is layouts.awq:
+        return True
+    return getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel") and "g_idx" in info.buffers
+
+
+def label(lowering: str) -> str:
+    return {"int4pack-cpu": "int4pack-cpu bf16", "int4pack-cuda": "int4pack-cuda bf16"}.get(lowering, lowering)
+
+
+# ---- lowered functions ---------------------------------------------------------------------------------
+
+
+def _kernel_base(site, lowering, needs_grad):
+    packed = packed_for([site], lowering.rsplit("-", 1)[-1])
+
+    def base_fn(h, base, kernel):
+        if packed is None:
+            return site.torch_base(h, base)
+        return _add_bias(site, _int4_matmul(packed, h, needs_grad, kernel), base)
+
+    return base_fn, packed
+
+
+def lowered_site(site, names: tuple, lowering: str, needs_grad: bool = False):
+    """One site: the spec's math around the chosen base. The returned function takes a fifth argument, the
+    repacked tensors listed in `fn.qpass_constants` (the rewrite passes them as graph tensors)."""
+    if lowering == "torch-dequant":
+        return site.lowered(names, "torch-dequant")
+    kernel_fn, packed = _kernel_base(site, lowering, needs_grad)
+
+    def fn(x, xa, base, adapter, kernel=()):
+        return site.run(x, list(xa), list(base), list(adapter), names, lambda h, b: kernel_fn(h, b, list(kernel)))
+
+    fn.__name__ = fn.__qualname__ = "qpass_site_" + site.path.replace(".", "_")
+    fn.qpass_constants = packed.tensors() if packed is not None else []
+    return fn
+
+
+# ---- sibling fusion: sites that read the same input -----------------------------------------------------
+
+FUSABLE_SPECS = ("lora",)
+
+
+def fusable(site, names: tuple) -> bool:
+    """One active output-attached LoRA slot (no input adapter): its down-projection can join its siblings'."""
+    if len(names) != 1 or names[0] not in site.slots:
+        return False
+    slot = site.slots[names[0]]
+    return slot.spec.name in FUSABLE_SPECS and slot.spec.attach == "output"
+
+
+def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = False):
+    """Sibling sites with the same input: one down-projection matmul x @ [A_1; A_2; ...]^T for all of them,
+    and (int4 lowerings) one base kernel call on their weights concatenated along N. Returns a function
+    `(x, xa, bases, adapters) -> tuple of outputs`, xa the shared adapter input."""
+    slots = [s.slots[names[0]] for s in sites]
+    ranks = [slot.get("lora_A.weight").shape[0] for slot in slots]
+    pols = [s.policy(slot) for s, slot in zip(sites, slots)]
+    packed, singles = None, None
+    if lowering != "torch-dequant":
+        kind = lowering.rsplit("-", 1)[-1]
+        packed = packed_for(sites, kind)
+        if packed is None:  # e.g. act-order siblings with different permutations: one kernel call per site
+            singles = [packed_for([s], kind) for s in sites]
+            if any(p is None for p in singles):
+                singles = None
+    counts = [len(p.tensors()) for p in singles] if singles else []
+
+    def fn(x, xa, bases, adapters, kernel=()):
+        kernel = list(kernel)
+        if packed is not None:
+            y_all = _int4_matmul(packed, x, needs_grad, kernel)
+            ys = [_add_bias(s, y, b) for s, y, b in zip(sites, y_all.split(packed.splits, -1), bases)]
+        elif singles is not None:
+            ys, at = [], 0
+            for s, p, n, b in zip(sites, singles, counts, bases):
+                ys.append(_add_bias(s, _int4_matmul(p, x, needs_grad, kernel[at : at + n]), b))
+                at += n
+        else:
+            ys = [s.torch_base(x, list(b)) for s, b in zip(sites, bases)]
+        ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
+        down = F.linear(xa, torch.cat([p["lora_A.weight"] for p in ps], 0))
+        outs = []
+        for y, t, p, pol in zip(ys, down.split(ranks, -1), ps, pols):
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            delta = F.linear(t, p["lora_B.weight"], p.get("lora_B.bias")) * p["scaling"]
+            outs.append(policy.add_output(pol, y, delta))
+        return tuple(outs)
+
+    fn.__name__ = fn.__qualname__ = "qpass_siblings_" + "_".join(s.path.rsplit(".", 1)[-1] for s in sites)
+    fn.qpass_constants = packed.tensors() if packed is not None else [t for p in singles or [] for t in p.tensors()]
+    return fn, packed is not None or singles is not None

@@ -1,0 +1,35 @@
+"""Keeps the benchmark harness working: `benchmarks/run.py --quick` end to end (tiny sizes, one repeat).
+Asserts the JSON's structure, the PNG, zero graph breaks in the qpass graphs and the base lowering column;
+never time."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_harness_writes_json_and_plot(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as harness
+    finally:
+        sys.path.pop(0)
+    harness.main(["--quick", "--repeats", "1", "--warmup", "1", "--configs", "peft_eager,qpass,qpass_base",
+                  "--out", str(tmp_path), "--profile-rows", "5"])
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert (tmp_path / "latest.png").stat().st_size > 0
+    res = data["results"]
+    assert set(res) == {"peft_eager", "qpass", "qpass_base"}
+    for wl in ("decode", "prefill", "train"):
+        assert res["qpass"][wl]["median_ms"] > 0 and res["qpass"][wl]["graph_breaks"] == 0
+        assert res["peft_eager"][wl]["n"] == 1
+    assert "train" not in res["qpass_base"]  # adapters disabled: nothing to train
+    assert any(b.startswith("int4pack-cpu bf16") for b in res["qpass"]["base_lowering"])  # decode
+    assert any("torch-dequant" in b for b in res["qpass"]["base_lowering"])  # prefill, training
+    assert res["qpass"]["repacked_bytes"] > 0
+    assert {t["target"] for t in data["targets"]} >= {"train step vs PEFT eager", "prefill vs PEFT eager TorchLinear"}
+    assert data["profile_decode"] and data["recompiles"]["graphs_first_decode"] >= 1

@@ -1,0 +1,100 @@
+"""Base lowerings chosen per device/mode (qpass/lowering.py) and fused sibling adapters (qpass/rewrite.py):
+each compared with eager qpass (the library kernel + the spec's math, PEFT's numerics), gradients included.
+inner="aot_eager" keeps these fast; the lowering happens in the qpass rewrite whatever the inner backend."""
+
+import pytest
+import torch
+
+import qpass
+from qpass import lowering
+from qpass.toy import tiny_awq_llama
+
+from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
+
+CFG = dict(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+def _bases(model):
+    return [r.base for r in qpass.report(model).rows if r.base]
+
+
+MODELS = {
+    "gptq-sym": lambda: make_model(torch.bfloat16),
+    "gptq-asym-act-order": lambda: make_model(torch.bfloat16, sym=False, desc_act=True),
+    "awq-autoawq": lambda: tiny_awq_llama(dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_decode_uses_the_int4_kernel_and_matches_eager(kind):
+    model = qpass.prepare(MODELS[kind](), qpass.LoraConfig(**CFG))
+    randomize_adapters(model)
+    compiled = torch.compile(model, backend=qpass.backend("aot_eager"))
+    ids = input_ids(batch=1, seq=1)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        out = compiled(ids).logits.float()
+    torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.bfloat16])
+    bases = _bases(compiled)
+    assert all(b.startswith("int4pack-cpu bf16") for b in bases), bases
+    assert sum("fused q_proj+k_proj+v_proj" in b for b in bases) == 6
+    assert sum("fused gate_proj+up_proj" in b for b in bases) == 4
+    assert lowering.repacked_bytes(list(model._qpass.sites.values())) > 0
+
+
+def test_prefill_training_and_fp32_stay_on_torch_dequant():
+    site_x = torch.empty(1, 40, 64, dtype=torch.bfloat16)
+    model = qpass.prepare(make_model(torch.bfloat16), qpass.LoraConfig(**CFG))
+    site = next(iter(model._qpass.sites.values()))
+    assert lowering.choose(site, site_x, needs_grad=False) == "torch-dequant"  # 40 tokens: prefill
+    assert lowering.choose(site, site_x[:, :1], needs_grad=False) == "int4pack-cpu"
+    assert lowering.choose(site, site_x[:, :1], needs_grad=True) == "torch-dequant"  # training: differentiable
+    assert lowering.choose(site, site_x[:, :1].float(), needs_grad=False) == "torch-dequant"  # fp32 kernel is slow
+
+
+def test_fused_siblings_equal_unfused_fp32():
+    model = qpass.prepare(make_model(), qpass.LoraConfig(**CFG))
+    randomize_adapters(model)
+    ids = input_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        fused = torch.compile(model, backend=qpass.backend("aot_eager"))(ids).logits
+        torch._dynamo.reset()
+        unfused = torch.compile(model, backend=qpass.backend("aot_eager", fuse_siblings=False))(ids).logits
+    torch.testing.assert_close(fused, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
+    torch.testing.assert_close(unfused, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
+
+
+def test_sites_with_dropout_are_not_fused():
+    model = qpass.prepare(make_model(), qpass.LoraConfig(lora_dropout=0.1, **CFG))
+    model.train()
+    compiled = torch.compile(model, backend=qpass.backend("aot_eager"))
+    compiled(input_ids()).logits.sum().backward()
+    assert not any("fused" in b for b in _bases(compiled))
+
+
+def test_forced_int4_kernel_trains_with_correct_gradients():
+    """The int4 kernel has no derivative; qpass::int4pack_mm_cpu gives it one (dx = dy @ W^T)."""
+    torch.manual_seed(0)
+    model = qpass.prepare(make_model(torch.bfloat16), qpass.LoraConfig(**CFG))
+    randomize_adapters(model)
+    model.train()
+    embeds = model.model.embed_tokens(input_ids(batch=1, seq=1)).detach()
+    grads = {}
+    for name, run in (("eager", model), ("int4", torch.compile(model, backend=qpass.backend("aot_eager", lowering="int4pack-cpu")))):
+        e = embeds.clone().requires_grad_(True)
+        run(inputs_embeds=e).logits.float().pow(2).mean().backward()
+        grads[name] = [e.grad.float()] + [p.grad.float().clone() for n, p in sorted(model.named_parameters()) if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+    assert any("int4pack-cpu" in b for b in _bases(model))
+    for ours, ref in zip(grads["int4"], grads["eager"]):
+        assert ref.abs().max() > 0
+        assert (ours - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-6
+
+
+def test_int4pack_op_passes_opcheck():
+    model = qpass.prepare(make_model(torch.bfloat16), qpass.LoraConfig(**CFG))
+    site = next(iter(model._qpass.sites.values()))
+    packed = lowering.packed_for([site], "cpu")
+    x = torch.randn(3, site.info.in_features, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.qpass.int4pack_mm_cpu, (x, packed.weight, packed.scales_and_zeros, packed.group_size))
