@@ -74,3 +74,29 @@ def test_merged_model_compiles_and_trains_again():
     compiled = torch.compile(again, backend=qpass.backend("aot_eager"))
     compiled(input_ids=input_ids(), labels=input_ids(seed=1)).loss.backward()
     assert all(p.grad is not None for p in again.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_merged_checkpoint_saves_and_reloads_with_transformers(tmp_path_factory):
+    """A gptqmodel-quantized checkpoint, loaded by transformers, LoRA merged, saved, reloaded by from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_build import session_checkpoints
+
+    path = session_checkpoints(tmp_path_factory, methods=("gptq",))["gptq"]
+    model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
+    qpass.prepare(model, qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, std=0.05)
+    ids = torch.randint(4, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    merged = qpass.merge(model, max_rel_error=0.5)
+    out = tmp_path_factory.mktemp("merged")
+    qpass.save_quantized(merged, out)
+    with torch.no_grad():
+        after = merged(ids).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+    with torch.no_grad():
+        again = reloaded(ids).logits
+    assert torch.equal(again, after)  # the checkpoint holds exactly the merged weights
+    assert (after - before).abs().max() < 0.5 * before.abs().max()  # 4-bit requantisation noise only
