@@ -11,13 +11,13 @@ from .config import AdaLoraConfig, AdapterConfig, LoraConfig, OFTConfig
 from .adalora_allocator import orthogonal_regularization, update_and_allocate
 from .errors import AdapterLoadError, QpassError
 from .lifecycle import active_adapters, disable_adapters, hotswap_adapter, load_adapter, set_adapter
-from .merge import merge
+from .merge import merge, save_quantized
 from .prepare import prepare, unprepare
 from .spec import AdapterSpec, Param, SiteShape, register
 
 __all__ = [
     "AdaLoraConfig", "AdapterConfig", "AdapterLoadError", "OFTConfig", "orthogonal_regularization", "update_and_allocate", "AdapterSpec", "LoraConfig", "Param", "QpassError", "SiteShape",
     "backend", "compile", "prepare", "register", "report", "save_adapter",
-    "active_adapters", "disable_adapters", "hotswap_adapter", "load_adapter", "merge", "set_adapter", "unprepare",
+    "active_adapters", "disable_adapters", "hotswap_adapter", "load_adapter", "merge", "save_quantized", "set_adapter", "unprepare",
 ]
 __version__ = "0.1.0"
