@@ -87,8 +87,9 @@ def test_forced_int4_kernel_trains_with_correct_gradients():
         grads[name] = [e.grad.float()] + [p.grad.float().clone() for n, p in sorted(model.named_parameters()) if p.requires_grad]
         model.zero_grad(set_to_none=True)
     assert any("int4pack-cpu" in b for b in _bases(model))
+    assert grads["eager"][0].abs().max() > 0  # dx reaches the input through every quantized base
+    assert sum(bool(g.abs().max() > 0) for g in grads["eager"]) > len(grads["eager"]) // 2  # (k/v see one token: 0)
     for ours, ref in zip(grads["int4"], grads["eager"]):
-        assert ref.abs().max() > 0
         assert (ours - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-6
 
 
