@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from . import adapter_io
-from .config import to_config
 from .errors import AdapterLoadError, QpassError
 from .prepare import _check_name, _check_weights, _install, plan_adapter, set_active, state_of, unwrap
-from .quant import Unsupported
 from .spec import spec_for
 
 

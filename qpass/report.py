@@ -12,7 +12,6 @@ from typing import Optional
 
 from torch import nn
 
-from .policy import POLICIES
 
 COLUMNS = ("module", "library / class", "bits", "group", "in→out", "adapter", "rank", "dtype policy", "base", "status", "params")
 

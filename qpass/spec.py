@@ -7,7 +7,7 @@ quantized site, whatever library quantized it. Adding an adapter kind = adding o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Optional
 
 import torch

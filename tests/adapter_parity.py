@@ -1,7 +1,6 @@
 """Helpers shared by the QA-LoRA / AdaLoRA / OFT parity tests: PEFT (the oracle) on real gptqmodel layers."""
 
 import torch
-import peft
 import transformers
 
 import qpass
@@ -105,3 +104,33 @@ def precision_casts(mode):
     if mode != "inductor":
         return contextlib.nullcontext()
     return torch._inductor.config.patch(emulate_precision_casts=True)
+
+
+def save_peft_dirs(tmp_path_factory, prefix, names, build):
+    """name -> a directory holding PEFT's own save of `build(name)` (the adapters the parity tests load)."""
+    out = {}
+    for name in names:
+        path = tmp_path_factory.mktemp(f"{prefix}_{name}")
+        build(name).save_pretrained(str(path))
+        out[name] = path
+    return out
+
+
+def check_logits_match_peft(reference, path, dtype, mode, *, min_effect=10):
+    """qpass loads the PEFT directory `path`; its logits (eager, or compiled with backend `mode`) match the
+    PEFT model `reference` within LOGIT_TOL; the adapter must change the logits by `min_effect` x the tolerance.
+    Returns the prepared model, for checks on its slots."""
+    ids = input_ids()
+    with torch.no_grad():
+        ref = reference.eval()(ids).logits
+        assert max_err(ref, make_model(dtype)(ids).logits) > min_effect * LOGIT_TOL[dtype], "the adapter must change the logits"
+    model = qpass.prepare(make_model(dtype), str(path))
+    with torch.no_grad():
+        if mode == "eager":
+            assert_close(model(ids).logits, ref, dtype)
+            return model
+        compiled = torch.compile(model, backend=qpass.backend(mode))
+        with precision_casts(mode):
+            assert_close(compiled(ids).logits, ref, dtype)
+    assert qpass.report(compiled).summary()["sites_rewritten"] == N_SITES
+    return model

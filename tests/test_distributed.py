@@ -35,5 +35,4 @@ def test_data_parallel_equals_single_process(tmp_path, single, mode, port):
     moved = max((v - single["state"][k]).abs().max().item() for k, v in result["state"].items())
     assert moved <= TOL, f"{mode}: adapters differ from single-process training by {moved:.3g}"
     # and training moved them (the comparison is not between untouched initial values)
-    from qpass.toy import tiny_gptq_llama  # noqa: F401  (same builder the worker uses)
     assert any(v.abs().sum() > 0 for k, v in single["state"].items() if "lora_B" in k)

@@ -1,7 +1,6 @@
 """Bad input: a clear error naming the field or module and saying what to do; the model left exactly as it was."""
 
 import json
-import re
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 import qpass
 from qpass.errors import AdapterLoadError, QpassError
 
-from conftest import input_ids, make_model
+from conftest import make_model
 
 peft = pytest.importorskip("peft")
 

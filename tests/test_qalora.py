@@ -11,8 +11,8 @@ peft = pytest.importorskip("peft")
 
 import qpass
 
-from adapter_parity import precision_casts, ALL, N_SITES, assert_close, make_model, max_err, max_rel, randomize, sgd_updates
-from conftest import LOGIT_TOL, input_ids
+from adapter_parity import check_logits_match_peft, save_peft_dirs, ALL, N_SITES, assert_close, make_model, max_rel, randomize, sgd_updates
+from conftest import input_ids
 
 VARIANTS = {
     "G16": dict(qalora_group_size=16),
@@ -32,12 +32,7 @@ def peft_model(variant, dtype=torch.float32):
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    out = {}
-    for variant in VARIANTS:
-        path = tmp_path_factory.mktemp(f"qalora_{variant}")
-        peft_model(variant).save_pretrained(str(path))
-        out[variant] = path
-    return out
+    return save_peft_dirs(tmp_path_factory, "qalora", VARIANTS, peft_model)
 
 
 CASES = [(v, torch.float32, "eager") for v in VARIANTS] + [
@@ -47,21 +42,9 @@ CASES = [(v, torch.float32, "eager") for v in VARIANTS] + [
 
 @pytest.mark.parametrize("variant,dtype,mode", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_logits_match_peft(dirs, variant, dtype, mode):
-    ids = input_ids()
-    ref_model = peft.PeftModel.from_pretrained(make_model(dtype), str(dirs[variant])).eval()
-    with torch.no_grad():
-        ref = ref_model(ids).logits
-        assert max_err(ref, make_model(dtype)(ids).logits) > 10 * LOGIT_TOL[dtype], "the adapter must change the logits"
-    model = qpass.prepare(make_model(dtype), str(dirs[variant]))
+    reference = peft.PeftModel.from_pretrained(make_model(dtype), str(dirs[variant]))
+    model = check_logits_match_peft(reference, dirs[variant], dtype, mode)
     assert model.model.layers[0].self_attn.q_proj.qpass_adapters["default"].spec.name == "qalora"
-    with torch.no_grad():
-        if mode == "eager":
-            assert_close(model(ids).logits, ref, dtype)
-            return
-        compiled = torch.compile(model, backend=qpass.backend(mode))
-        with precision_casts(mode):
-            assert_close(compiled(ids).logits, ref, dtype)
-    assert qpass.report(compiled).summary()["sites_rewritten"] == N_SITES
 
 
 def test_compiled_sgd_step_matches_peft(dirs):

@@ -9,7 +9,7 @@ Adding a library = adding one matcher file and listing it in `MATCHERS`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
