@@ -7,6 +7,7 @@ here, on every compile, because this wrapper runs even when inductor's caches sk
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -66,7 +67,7 @@ class QpassBackend:
             stats.compile_seconds += elapsed
             stats.backend = f"qpass+{self.inner_name}"
             mark = state.graph_break_mark if state.graph_break_mark <= len(reasons) else 0
-            new = reasons[mark:]
+            new = [r for r in reasons[mark:] if not _library_internal(r)]
             stats.graph_breaks += len(new)
             for reason in new:
                 text = reason.reason.strip().splitlines()[0][:200]
@@ -79,6 +80,17 @@ class QpassBackend:
                     row.status = "rewritten" if row.adapter else "rewritten (base only: not in target_modules)"
                     used = "; ".join(getattr(site, "lowerings_used", None) or [self.lowering])
                     row.base = f"{used} ({self.inner_name})"
+
+
+def _library_internal(reason) -> bool:
+    """A graph break whose whole stack lies inside a quantization library: gptqmodel compiles its own
+    dequantize with torch.compile and breaks there whenever its layers run eagerly (e.g. a PEFT model in the
+    same process). qpass never traces library code, so such breaks belong to no qpass graph."""
+    stack = getattr(reason, "user_stack", None) or []
+    return bool(stack) and all(any(f"{os.sep}{lib}{os.sep}" in frame.filename for lib in _LIBRARIES) for frame in stack)
+
+
+_LIBRARIES = ("gptqmodel", "awq")
 
 
 def backend(inner="inductor", *, lowering: str = "auto", fuse_siblings: bool = True) -> QpassBackend:

@@ -120,3 +120,17 @@ def test_gradient_reaches_the_input_through_the_quantized_base():
     model(inputs_embeds=eager_embeds).logits.sum().backward()
     assert embeds.grad.abs().sum() > 0
     torch.testing.assert_close(embeds.grad, eager_embeds.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_report_ignores_graph_breaks_inside_the_library_of_other_models():
+    """gptqmodel compiles its own dequantize and breaks there when its layers run eagerly (as under PEFT);
+    those breaks belong to no qpass graph and must not show in this model's report."""
+    other = make_model()  # plain gptqmodel layers, run eagerly in the same process
+    model = qpass.prepare(make_model(), qpass.LoraConfig(**CFG))
+    before = len(torch._dynamo.utils.graph_break_reasons)
+    with torch.no_grad():
+        other(input_ids())
+        assert len(torch._dynamo.utils.graph_break_reasons) > before  # the library did break
+        torch.compile(model, backend=qpass.backend("aot_eager"))(input_ids())
+    summary = qpass.report(model).summary()
+    assert summary["graph_breaks"] == 0 and summary["graph_break_reasons"] == []
