@@ -136,9 +136,14 @@ def _repacker(site):
     return None
 
 
-def merge(model: nn.Module, *, max_rel_error: float = 0.05) -> nn.Module:
+def merge(model: nn.Module, *, max_rel_error: float = 0.05, max_adapter_loss: float = 0.5) -> nn.Module:
     """Fold the active adapters into the quantized weights and remove qpass from the model (in place; returns
-    the plain model, no longer prepared). `model.qpass_merge_report` holds the per-site errors."""
+    the plain model, no longer prepared). `model.qpass_merge_report` holds the per-site errors.
+
+    Refuses, naming the sites and leaving the model as it was, when a site's merged weight would differ from
+    the adapted one by more than `max_rel_error` (relative to ‖W_eff‖), or would lose more than
+    `max_adapter_loss` of the adapter's own change ‖W_eff − W‖ (an adapter finer than the quantization step
+    would otherwise be rounded away silently)."""
     state = state_of(model)
     base_model = unwrap(model)
     plans = []
@@ -157,18 +162,21 @@ def merge(model: nn.Module, *, max_rel_error: float = 0.05) -> nn.Module:
         new_s, new_z = _requantize(W1, scales, zeros, g_idx, site.info.bits, bool(site.info.sym))
         err = _fake_quant(W1, new_s, new_z, g_idx, site.info.bits) - W1
         rel = (err.norm() / W1.norm().clamp(min=1e-12)).item()
-        plans.append((path, site, names, W0, W1, b0, b1, new_s, new_z, g_idx, repack, rel))
+        delta = (W1 - W0).norm().item()
+        loss = (err.norm() / (W1 - W0).norm()).item() if delta > 0 else 0.0
+        plans.append((path, site, names, W0, W1, b0, b1, new_s, new_z, g_idx, repack, rel, loss))
     if not plans:
         raise QpassError("no active adapter to merge; call qpass.set_adapter(model, name) first")
-    bad = [(p[0], p[-1]) for p in plans if p[-1] > max_rel_error]
+    bad = [(p[0], p[-2], p[-1]) for p in plans if p[-2] > max_rel_error or p[-1] > max_adapter_loss]
     if bad:
-        listed = ", ".join(f"{path} ({rel:.3g})" for path, rel in bad[:5])
+        listed = ", ".join(f"{path} (error {rel:.3g} of the weight, {loss:.0%} of the adapter lost)" for path, rel, loss in bad[:5])
         raise QpassError(
-            f"merging would change {len(bad)} site(s) by more than max_rel_error={max_rel_error}: {listed}; "
-            "the adapter is too fine for this bit width — keep it unmerged, or pass a larger max_rel_error"
+            f"merging would change {len(bad)} site(s) by more than max_rel_error={max_rel_error} or lose more than "
+            f"max_adapter_loss={max_adapter_loss} of the adapter: {listed}; the adapter is too fine for this bit width — "
+            "keep it unmerged, or pass larger limits"
         )
     report = MergeReport()
-    for path, site, names, W0, W1, b0, b1, new_s, new_z, g_idx, repack, _ in plans:
+    for path, site, names, W0, W1, b0, b1, new_s, new_z, g_idx, repack, _, _ in plans:
         had_bias = getattr(site.module, "bias", None) is not None
         bias = b1 if (had_bias or b1.abs().max() > 0) else None
         repack(site, W1, bias, new_s, new_z, g_idx)

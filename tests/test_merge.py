@@ -52,7 +52,8 @@ def test_merge_keeps_untouched_weights_exact():
 def test_merge_4bit_reports_error_and_refuses_over_threshold():
     model = _prepared(bits=4, std=0.02)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(QpassError, match=r"merging would change 6 site\(s\) by more than max_rel_error=1e-06: model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(QpassError, match=r"merging would change 6 site\(s\) by more than max_rel_error=1e-06 or lose more "
+                                         r"than max_adapter_loss=0\.5 of the adapter: model\.layers\.0\.self_attn\.q_proj"):
         qpass.merge(model, max_rel_error=1e-6)
     assert hasattr(model, "_qpass")  # refused: still prepared, nothing repacked
     for k, v in model.state_dict().items():
@@ -60,12 +61,20 @@ def test_merge_4bit_reports_error_and_refuses_over_threshold():
     ids = input_ids()
     with torch.no_grad():
         before = model(ids).logits
-    merged = qpass.merge(model, max_rel_error=0.5)
+    merged = qpass.merge(model, max_rel_error=0.5, max_adapter_loss=1.0)
     rows = merged.qpass_merge_report
     assert all(0 < r.rel_error < 0.5 and r.max_abs_error > 0 for r in rows)
     with torch.no_grad():
         after = merged(ids).logits
     assert (after - before).abs().max() < 1.0  # 4-bit requantisation noise, not a broken model
+
+
+def test_merge_refuses_an_adapter_finer_than_the_quantization_step():
+    """At 4 bits a tiny adapter would round away entirely: refused by default, naming the sites."""
+    model = _prepared(bits=4, std=0.001)
+    with pytest.raises(QpassError, match=r"model\.layers\.0\.self_attn\.q_proj \(error [0-9.e-]+ of the weight, \d+% of the adapter lost\)"):
+        qpass.merge(model)
+    assert hasattr(model, "_qpass")
 
 
 def test_merged_model_compiles_and_trains_again():
