@@ -236,6 +236,18 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     return "torch-dequant"
 
 
+def fallback_reason(site, x, needs_grad: bool, chosen: str) -> Optional[str]:
+    """Why a decode-shaped bf16 site that would take the int4 kernel got torch-dequant instead (for the report)."""
+    if chosen != "torch-dequant" or x is None or needs_grad or x.dtype != torch.bfloat16:
+        return None
+    tokens = _tokens(x)
+    if tokens is None or tokens > DECODE_MAX_TOKENS or x.device.type not in ("cpu", "cuda") or _codes_ok(site):
+        return None
+    info = site.info
+    return (f"int4 kernel fallback: needs 4-bit GPTQ/AWQ packing, group in {_GROUPS}; "
+            f"this layer is {info.bits}-bit, group {info.group_size}, {info.cls_name}")
+
+
 def _codes_ok(site) -> bool:
     info = site.info
     if info.bits != 4 or info.group_size not in _GROUPS or info.in_features % info.group_size:

@@ -68,7 +68,9 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        _used(site, _lowering.label(chosen[node]))
+        reason = _lowering.fallback_reason(site, x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None,
+                                           needs_grad, chosen[node])
+        _used(site, _lowering.label(chosen[node]) + (f" ({reason})" if reason else ""))
         rewritten.append(site)
     if rewritten:
         gm.graph.lint()

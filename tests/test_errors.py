@@ -254,3 +254,16 @@ def test_max_rank_must_be_positive():
 def test_report_before_prepare():
     with pytest.raises(QpassError, match=r"is not prepared by qpass; call qpass\.prepare"):
         qpass.report(make_model())
+
+
+def test_bit_width_the_fast_kernel_cannot_serve_falls_back_and_says_so():
+    """A bf16 decode step would take the int4 kernel; an 8-bit layer falls back to dequant + matmul, and the
+    report's base column says why."""
+    model = qpass.prepare(make_model(torch.bfloat16, bits=8), qpass.LoraConfig(r=2, target_modules=["q_proj"]))
+    compiled = torch.compile(model, backend=qpass.backend("aot_eager"))
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (1, 1)))
+    row = qpass.report(compiled).rows[0]
+    assert row.status == "rewritten"
+    assert row.base.startswith("torch-dequant (int4 kernel fallback: needs 4-bit GPTQ/AWQ packing")
+    assert "this layer is 8-bit" in row.base
