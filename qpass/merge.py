@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import QpassError
 from .prepare import state_of, unprepare, unwrap
+from .quant import normal_storage
 from .quant.packing import unpack_stream
 
 
@@ -115,9 +116,7 @@ def _repack_gptq_torch(site, W, b, scales, zeros, g_idx) -> None:
     if b is not None and "bias" not in m._buffers:
         m.__dict__.pop("bias", None)  # a bias-less layer holds `bias = None` as a plain attribute
     m.pack_block(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx.to(torch.int32))
-    for name, buf in list(m._buffers.items()):  # pack_block works under inference_mode
-        if buf is not None and buf.is_inference():
-            m._buffers[name] = buf.clone()
+    normal_storage(m)  # pack_block works under inference_mode
     for attr in ("_g_idx_long_cache", "_zeros_cache"):
         if hasattr(m, attr):
             setattr(m, attr, None)

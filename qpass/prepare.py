@@ -26,7 +26,7 @@ from . import adapter_io
 from .config import AdapterConfig, to_config
 from .errors import AdapterLoadError, QpassError
 from .ops import join_names
-from .quant import QuantInfo, Unsupported
+from .quant import QuantInfo, Unsupported, normal_storage
 from .report import Report, Row
 from .site import Site
 from .sites import discover
@@ -245,12 +245,7 @@ def _make_site(c, undo: "_Undo") -> Site:
     module = c.module
     site = Site.create(c.path, c.info, module)
     undo.sites.append(site)
-    # Buffers made under inference_mode (gptqmodel packs that way) cannot be saved for backward.
-    for name in c.info.buffers:
-        buf = module._buffers.get(name)
-        if buf is not None and buf.is_inference():
-            undo.buffers.append((module, name, buf))
-            module._buffers[name] = buf.clone()
+    undo.buffers += [(module, name, buf) for name, buf in normal_storage(module, c.info.buffers)]
     module.add_module(SLOTS_ATTR, nn.ModuleDict())
     undo.modules.append((module, SLOTS_ATTR))
     site.slots = module._modules[SLOTS_ATTR]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quant import normal_storage
+
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,10 +118,7 @@ def gptq_linear_from(
         packer = gptq_linear_from(linear, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, seed=seed,
                                   cls=TorchLinear)
         q.load_state_dict({k: v.clone() for k, v in packer.state_dict().items() if k in q.state_dict()})
-    # pack_block runs under inference_mode; give the buffers normal storage so autograd can save them.
-    for name, buf in list(q._buffers.items()):
-        if buf is not None and buf.is_inference():
-            q._buffers[name] = buf.clone()
+    normal_storage(q)  # pack_block runs under inference_mode
     q.post_init()
     q.eval()
     return q
@@ -201,9 +200,7 @@ def awq_linear_from(linear: nn.Linear, *, bits: int = 4, group_size: int = 32, c
         if not isinstance(q, cls):  # kernel-only classes load packed tensors, as from a checkpoint
             q = make(cls)
             q.load_state_dict({k: v.clone() for k, v in packer.state_dict().items()})
-        for name, buf in list(q._buffers.items()):
-            if buf is not None and buf.is_inference():
-                q._buffers[name] = buf.clone()
+        normal_storage(q)
         q.post_init()
     q.eval()
     return q

@@ -59,6 +59,17 @@ def match(module: nn.Module):
     return None
 
 
+def normal_storage(module: nn.Module, names=None) -> list:
+    """Replace buffers made under `torch.inference_mode` (gptqmodel packs that way) by normal copies, which
+    autograd can save for backward. Only `names` if given. Returns [(name, original)] for an undo."""
+    replaced = []
+    for name, buf in list(module._buffers.items()):
+        if buf is not None and buf.is_inference() and (names is None or name in names):
+            replaced.append((name, buf))
+            module._buffers[name] = buf.clone()
+    return replaced
+
+
 def base_forward(info: QuantInfo, x: torch.Tensor, tensors: list) -> torch.Tensor:
     """The quantized base computed in plain torch from the module's own buffers: y = x @ W + bias."""
     return info.matcher.torch_forward(info, x, tensors)
