@@ -11,6 +11,7 @@ peft = pytest.importorskip("peft")
 
 import qpass
 
+from adapter_parity import max_rel, sgd_updates
 from conftest import LOGIT_TOL, input_ids, make_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,43 +72,24 @@ def test_logits_match_peft(adapter_dirs, dtype, variant):
     assert qpass.report(compiled).summary()["sites_rewritten"] == 14
 
 
-def _key(n):
-    """PEFT: ...q_proj.lora_A.default.weight ; qpass: ...q_proj.qpass_adapters.default.lora_A.weight"""
-    return n.replace("_orig_mod.", "").replace("base_model.model.", "").replace(".default", "").replace(".qpass_adapters", "")
-
-
-def _updates(model, ids, labels, lr=0.5):
-    """One SGD step; returns {param: after - before} for every trainable tensor."""
-    params = {_key(n): p for n, p in model.named_parameters() if p.requires_grad}
-    before = {k: p.detach().clone() for k, p in params.items()}
-    opt = torch.optim.SGD(list(params.values()), lr=lr)
-    model(input_ids=ids, labels=labels).loss.backward()
-    opt.step()
-    return {k: (p.detach() - before[k]).float() for k, p in params.items()}
-
-
-def _max_rel(a, b):
-    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_optimizer_step_matches_peft(adapter_dirs, dtype):
     ids, labels = input_ids(seed=1), input_ids(seed=2)
     path = str(adapter_dirs["lora_bias"])
-    ref = _updates(peft.PeftModel.from_pretrained(make_model(dtype), path, is_trainable=True), ids, labels)
+    ref = sgd_updates(peft.PeftModel.from_pretrained(make_model(dtype), path, is_trainable=True), ids, labels)
     model = qpass.prepare(make_model(dtype), path)
-    ours = _updates(torch.compile(model, backend=qpass.backend("inductor")), ids, labels)
+    ours = sgd_updates(torch.compile(model, backend=qpass.backend("inductor")), ids, labels)
     assert set(ours) == set(ref) and len(ref) == 14 * 3
     assert all(u.norm() > 0 for u in ref.values()), "every adapter tensor must move"
     if dtype == torch.float32:
-        assert _max_rel(ours, ref) < 1e-3
+        assert max_rel(ours, ref) < 1e-3
     else:
         # bf16 gradients of this random model are ~5% away from fp32 ones for PEFT itself; qpass (fused by
         # inductor, other rounding points) must be as close to the fp32 step as PEFT is, and close to PEFT.
-        exact = _updates(peft.PeftModel.from_pretrained(make_model(torch.float32), path, is_trainable=True), ids, labels)
-        peft_err, our_err = _max_rel(ref, exact), _max_rel(ours, exact)
+        exact = sgd_updates(peft.PeftModel.from_pretrained(make_model(torch.float32), path, is_trainable=True), ids, labels)
+        peft_err, our_err = max_rel(ref, exact), max_rel(ours, exact)
         assert our_err < 1.5 * peft_err + 0.01, f"qpass bf16 step error {our_err:.3f} vs PEFT's {peft_err:.3f}"
-        assert _max_rel(ours, ref) < 0.1
+        assert max_rel(ours, ref) < 0.1
 
 
 def test_saved_adapter_loads_in_peft(tmp_path, adapter_dirs):
