@@ -49,13 +49,13 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
             new = gm.graph.call_function(fn, args=args)
             new.meta.update(group[0].meta)
             outs = [gm.graph.call_function(operator.getitem, (new, i)) for i in range(len(group))]
-        siblings = "+".join(s.path.rsplit(".", 1)[-1] for s in sites)
+        siblings = "+".join(s.path.rsplit(".", 1)[-1] for s in sites) if len(sites) > 1 else ""
+        label = _lowering.label(chosen[group[0]] if fused_base else "torch-dequant")
         for node, out, site in zip(group, outs, sites):
+            _used(site, f"{label}, fused {siblings}" if siblings else label + _reason(site, node, needs_grad, chosen))
             out.meta.update(node.meta)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
-            label = _lowering.label(chosen[group[0]] if fused_base else "torch-dequant")
-            _used(site, f"{label}, fused {siblings}")
             rewritten.append(site)
     for node in nodes:
         if node in grouped:
@@ -65,17 +65,25 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
         fn = site.lowered(split_names(names), chosen[node], needs_grad)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(fn, args=(x, list(xa), list(base), list(adapter)) + _constants(gm, fn))
+        _used(site, _lowering.label(chosen[node]) + _reason(site, node, needs_grad, chosen))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        reason = _lowering.fallback_reason(site, x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None,
-                                           needs_grad, chosen[node])
-        _used(site, _lowering.label(chosen[node]) + (f" ({reason})" if reason else ""))
         rewritten.append(site)
     if rewritten:
         gm.graph.lint()
         gm.recompile()
     return rewritten
+
+
+def _reason(site, node, needs_grad, chosen) -> str:
+    """" (why this decode-shaped site fell back from the int4 kernel)", or "" (for the report)."""
+    from . import lowering as _lowering
+
+    x = node.args[0]
+    reason = _lowering.fallback_reason(site, x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None,
+                                       needs_grad, chosen[node])
+    return f" ({reason})" if reason else ""
 
 
 def _constants(gm, fn) -> tuple:
@@ -116,7 +124,7 @@ def _input_key(x, xa):
 
 
 def _sibling_groups(gm, nodes, chosen) -> list:
-    """Lists of >= 2 site nodes with the same input x, the same single LoRA adapter (same names, policy and
+    """Lists of site nodes with the same input x, the same single LoRA adapter (same names, policy and
     dtype), equal adapter inputs and the same lowering, whose inputs all exist before the first of them."""
     from .lowering import fusable
 
@@ -136,8 +144,6 @@ def _sibling_groups(gm, nodes, chosen) -> list:
         buckets.setdefault(key, []).append(node)
     groups = []
     for group in buckets.values():
-        if len(group) < 2:
-            continue
         first = order[group[0]]
         flat = []
         # the fused node reads x, the FIRST site's adapter input, and every site's base and adapter tensors

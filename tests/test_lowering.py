@@ -99,3 +99,48 @@ def test_int4pack_op_passes_opcheck():
     packed = lowering.packed_for([site], "cpu")
     x = torch.randn(3, site.info.in_features, dtype=torch.bfloat16, requires_grad=True)
     torch.library.opcheck(torch.ops.qpass.int4pack_mm_cpu, (x, packed.weight, packed.scales_and_zeros, packed.group_size))
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_adapter_linear_reduce_form_equals_linear(dtype, bias):
+    """The one-row (decode) form of an adapter matmul: multiply + sum in float32, one rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 96, generator=g).to(dtype)
+    w = torch.randn(40, 96, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype) if bias else None
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    out = lowering.adapter_linear(x, w, b, reduce=True)
+    assert out.dtype == dtype and out.shape == (1, 1, 40)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def _mm_counting_backend(counts: list):
+    """aot_eager that records how many aten.mm/addmm each forward graph calls."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw(gm, example_inputs):
+        mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        counts.append(sum(n.op == "call_function" and n.target in mms for n in gm.graph.nodes))
+        return gm.forward
+
+    return aot_autograd(fw_compiler=fw)
+
+
+@pytest.mark.parametrize("seq,adapter_mms", [(1, 0), (3, 8 + 14)])
+def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(seq, adapter_mms):
+    """One token, no gradient: every LoRA site (fused q/k/v, gate/up, and the single o/down) takes the
+    multiply + sum form, so the forward graph's GEMMs are the 14 fp32 base matmuls and lm_head; with 3
+    tokens the adapters are GEMMs again (8 down-projections: 2 fused + 2 single per layer; 14 up).
+    fp32 logits equal eager qpass (the library kernel + F.linear) at fp32 tolerance either way."""
+    model = qpass.prepare(make_model(), qpass.LoraConfig(**CFG))
+    randomize_adapters(model)
+    ids = input_ids(batch=1, seq=seq)
+    counts = []
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=qpass.backend(_mm_counting_backend(counts)))(ids).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
+    bases = _bases(model)
+    assert sum("fused" in b for b in bases) == 10 and len(bases) == 14, bases
+    assert counts == [14 + 1 + adapter_mms], counts
