@@ -12,14 +12,15 @@ from .prepare import prepare, state_of, unwrap
 
 
 def compile(model: nn.Module, adapter, *, adapter_name: str = "default", inner: str = "inductor", max_rank=None,
-            **torch_compile_kwargs):
+            base_layout: str = "library", **torch_compile_kwargs):
     """`prepare(model, adapter)` then `torch.compile` with the qpass backend; returns the compiled module.
+    `base_layout="int4pack"` holds 4-bit weights once, in the CPU int4 kernel's layout (see `qpass.prepare`).
 
     Extra keyword arguments go to `torch.compile` (e.g. `dynamic=True`, `fullgraph=True`, `mode=...`).
     """
     if "backend" in torch_compile_kwargs:
         raise QpassError("qpass.compile chooses the backend; pass inner='inductor'|'aot_eager'|'eager' instead of backend=")
-    prepare(model, adapter, adapter_name=adapter_name, max_rank=max_rank)
+    prepare(model, adapter, adapter_name=adapter_name, max_rank=max_rank, base_layout=base_layout)
     state = state_of(model)
     return torch.compile(model, backend=QpassBackend(inner, state=state), **torch_compile_kwargs)
 

@@ -79,7 +79,8 @@ class QpassBackend:
                 if site is not None and state.sites.get(row.module) is site:
                     row.status = "rewritten" if row.adapter else "rewritten (base only: not in target_modules)"
                     used = "; ".join(getattr(site, "lowerings_used", None) or [self.lowering])
-                    row.base = f"{used} ({self.inner_name})"
+                    layout = "int4pack layout (resident): " if getattr(site, "library_info", None) is not None else ""
+                    row.base = f"{layout}{used} ({self.inner_name})"
 
 
 def _library_internal(reason) -> bool:

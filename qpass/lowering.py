@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import policy
 from .quant import layouts
-from .quant.packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu, unpack_stream
+from .quant.packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu_kn, unpack_stream
 
 LOWERINGS = ("auto", "torch-dequant", "int4pack-cpu", "int4pack-cuda")
 DECODE_MAX_TOKENS = 16
@@ -125,9 +125,22 @@ def _pack(sites, kind: str) -> Optional[Packed]:
     return Packed(kind, weight, sz, perms[0], info.group_size, info.in_features, tuple(s.info.out_features for s in sites))
 
 
+def _held(site) -> Optional[Packed]:
+    """A site whose module already holds the CPU int4pack layout (base_layout="int4pack", or gptqmodel's
+    TorchAtenLinear after its first eval forward): its own buffers, no copy."""
+    info = site.info
+    named = dict(zip(info.buffers, site.base_tensors()))
+    perm = named.get("ret_idx")
+    return Packed("cpu", named["qweight"], named["scales_and_zeros"], None if perm is None else perm.long(),
+                  info.group_size, info.in_features, (info.out_features,))
+
+
 def packed_for(sites, kind: str) -> Optional[Packed]:
     """The repacked weights of `sites` (one site, or siblings fused along N), made once and cached; re-made if a
-    base buffer was replaced or changed in place."""
+    base buffer was replaced or changed in place. Sites already holding the int4pack layout use their own
+    buffers; siblings among them are not concatenated (that would be a copy): each runs its own kernel call."""
+    if any(s.info.matcher in (layouts.int4pack_cpu, layouts.int4pack_resident) for s in sites):
+        return _held(sites[0]) if len(sites) == 1 and kind == "cpu" else None
     key = (kind, tuple(s.id for s in sites))
     bufs = [b for s in sites for b in s.base_tensors()]
     versions = tuple((id(b), b._version) for b in bufs)
@@ -154,9 +167,9 @@ def repacked_bytes(sites=None) -> int:
 
 def _dequant_packed(packed: Packed, weight, sz) -> torch.Tensor:
     """(K, N) float32 from the repacked codes (CPU layout; the backward of the CPU kernel)."""
-    codes = unpack_int4pack_cpu(weight, packed.out_features, packed.in_features, int4pack_block_n())  # (N, K)
+    codes = unpack_int4pack_cpu_kn(weight, packed.out_features, packed.in_features, int4pack_block_n())  # (K, N)
     g = torch.arange(packed.in_features, device=weight.device) // packed.group_size
-    return (codes.t() - 8).float() * sz[g, :, 0].float() + sz[g, :, 1].float()
+    return (codes - 8).float() * sz[g, :, 0].float() + sz[g, :, 1].float()
 
 
 @torch.library.custom_op("qpass::int4pack_mm_cpu", mutates_args=())
@@ -254,6 +267,11 @@ def _codes_ok(site) -> bool:
         return False
     if info.matcher is layouts.awq:
         return True
+    if info.matcher is layouts.int4pack_resident:  # qpass.resident: made for the kernel
+        return True
+    if info.matcher is layouts.int4pack_cpu:  # held in the kernel's own layout: usable as is with bf16 scales
+        sz = getattr(site.module, "scales_and_zeros", None)
+        return sz is not None and sz.dtype == torch.bfloat16
     return getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel") and "g_idx" in info.buffers
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import resident
 from .errors import QpassError
 from .prepare import state_of, unprepare, unwrap
 from .quant import normal_storage
@@ -144,6 +145,18 @@ def merge(model: nn.Module, *, max_rel_error: float = 0.05, max_adapter_loss: fl
     `max_adapter_loss` of the adapter's own change ‖W_eff − W‖ (an adapter finer than the quantization step
     would otherwise be rounded away silently)."""
     state = state_of(model)
+    converted = [site for site in state.sites.values() if resident.is_resident(site)]
+    for site in converted:  # base_layout="int4pack": merge onto the library's own layout and grid
+        resident.restore(site)
+    try:
+        return _merge(model, state, max_rel_error, max_adapter_loss)
+    except BaseException:
+        for site in converted:  # refused: as it was, int4pack layout included
+            resident.convert(site, types.SimpleNamespace(resident=[]))
+        raise
+
+
+def _merge(model, state, max_rel_error: float, max_adapter_loss: float) -> nn.Module:
     base_model = unwrap(model)
     plans = []
     for path, site in state.sites.items():

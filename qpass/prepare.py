@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import adapter_io
+from . import adapter_io, resident
 from .config import AdapterConfig, to_config
 from .errors import AdapterLoadError, QpassError
 from .ops import join_names
@@ -178,11 +178,15 @@ def _rows(candidates) -> list:
 
 
 def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter_dtype: torch.dtype = torch.float32,
-            max_rank: Optional[int] = None) -> nn.Module:
+            max_rank: Optional[int] = None, base_layout: str = "library") -> nn.Module:
     """Attach `adapter` (a config, a peft config, or a PEFT adapter directory) to `model` in place; returns `model`.
 
     `max_rank` allocates rank-shaped parameters at that rank (zero-padded), so that adapters of any rank up
     to it can later be hot-swapped (`qpass.hotswap_adapter`) without recompiling.
+
+    `base_layout="int4pack"` holds eligible 4-bit layers' weights once, in the CPU int4 kernel's layout,
+    instead of the library's layout plus a repacked copy for decode (`qpass.resident`); "library" (default)
+    leaves the library's buffers as they are.
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise QpassError(
@@ -194,6 +198,7 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
     if getattr(model, "_qpass", None) is not None:
         raise QpassError("this model is already prepared by qpass; use qpass.load_adapter(model, path, name) to add an adapter")
     _check_name(adapter_name)
+    resident.check_layout(base_layout)
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
         raise QpassError(f"max_rank must be a positive integer or None; got {max_rank!r}")
     cfg, spec, candidates, slots = plan_adapter(model, adapter, adapter_dtype, max_rank)
@@ -205,6 +210,7 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
         for c in candidates:
             if isinstance(c.info, QuantInfo):
                 sites[c.path] = _make_site(c, undo)
+        layouts = _convert_layouts(sites, base_layout, undo)
         state = QpassState(
             sites=sites, configs={}, report=Report(rows=_rows(candidates), model=model),
             requires_grad_before=requires_grad_before, graph_break_mark=len(torch._dynamo.utils.graph_break_reasons),
@@ -212,6 +218,9 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
         )
         for site in sites.values():
             site.owner = weakref.ref(state)
+        for row in state.report.rows:
+            if row.module in layouts:
+                row.base = layouts[row.module]
         _install(state, model, cfg, slots, adapter_name)
         model._qpass = state
         undo.attrs.append((model, "_qpass"))
@@ -219,6 +228,27 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
         undo()
         raise
     return model
+
+
+def _convert_layouts(sites: dict, base_layout: str, undo: "_Undo") -> dict:
+    """base_layout="int4pack": convert every eligible site (`qpass.resident`); path -> report note."""
+    if base_layout == "library":
+        return {}
+    notes, reasons = {}, {}
+    for path, site in sites.items():
+        reason = resident.convert(site, undo)
+        if reason is None:
+            module = site.module
+            module.train = types.MethodType(nn.Module.train, module)  # the library's train()/eval() hooks repack
+            undo.attrs.append((module, "train"))
+            notes[path] = "int4pack layout (resident), torch dequant (eager)"
+        else:
+            reasons[path] = reason
+            notes[path] = f"library layout (not int4pack: {reason})"
+    if reasons and len(reasons) == len(sites):
+        path, reason = next(iter(reasons.items()))
+        raise QpassError(f"base_layout='int4pack': no layer can be held in the int4pack layout, e.g. {path}: {reason}")
+    return notes
 
 
 def plan_adapter(model: nn.Module, adapter, adapter_dtype, max_rank):
@@ -296,6 +326,7 @@ def unprepare(model: nn.Module) -> nn.Module:
     model = unwrap(model)
     state = state_of(model)
     for site in state.sites.values():
+        resident.restore(site)  # base_layout="int4pack": the library's layout again, bit-exact
         module = site.module
         module._modules.pop(SLOTS_ATTR, None)
         module.__dict__.pop("forward", None)
@@ -315,9 +346,11 @@ class _Undo:
     def __init__(self, model, requires_grad_before):
         self.model = model
         self.requires_grad_before = requires_grad_before
-        self.sites, self.buffers, self.modules, self.attrs = [], [], [], []
+        self.sites, self.buffers, self.modules, self.attrs, self.resident = [], [], [], [], []
 
     def __call__(self) -> None:
+        for site in reversed(self.resident):
+            resident.restore(site)
         for module, attr in reversed(self.attrs):
             module.__dict__.pop(attr, None)
         for module, name in self.modules:

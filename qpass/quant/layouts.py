@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu, unpack_stream
+from .packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu_kn, unpack_stream
 
 
 def _named(info, tensors) -> dict:
@@ -61,12 +61,12 @@ awq = SimpleNamespace(name="awq-gemm", torch_forward=_awq_forward, dequantize=aw
 
 def int4pack_dequantize(info, qweight, scales_and_zeros) -> torch.Tensor:
     """(in_features, out_features) float32, in the *permuted* input order the kernel consumes."""
-    codes = unpack_int4pack_cpu(qweight, info.out_features, info.in_features, int4pack_block_n())
+    codes = unpack_int4pack_cpu_kn(qweight, info.out_features, info.in_features, int4pack_block_n())
     scale = scales_and_zeros[..., 0].float()
     zero = scales_and_zeros[..., 1].float()
     group = info.in_features if info.group_size in (-1, 0) else info.group_size
     g = torch.arange(info.in_features, device=qweight.device) // group
-    return (codes.t() - 8).float() * scale[g] + zero[g]
+    return (codes - 8).float() * scale[g] + zero[g]
 
 
 def _int4pack_forward(info, x, tensors):
@@ -78,6 +78,44 @@ def _int4pack_forward(info, x, tensors):
 
 
 int4pack_cpu = SimpleNamespace(name="aten-int4pack-cpu", torch_forward=_int4pack_forward, dequantize=int4pack_dequantize)
+
+
+# ---- qpass's resident int4pack layout (base_layout="int4pack", `qpass.resident`) -----------------------
+
+
+def int4pack_resident_dequantize(info, qweight, scales, zero_codes) -> torch.Tensor:
+    """(in_features, out_features) in the scales' dtype from int4pack codes + the library's own scales and
+    zero codes: W = s * (q - z), the library's arithmetic (one rounding), in the kernel's input order.
+
+    Written as one broadcast over (groups, group rows, N blocks, 2 nibbles, block_n/2), the byte layout of
+    int4pack, so that every load is contiguous along the innermost dimension and inductor vectorizes it."""
+    k, n = info.in_features, info.out_features
+    group = k if info.group_size in (-1, 0) else info.group_size
+    block_n = int4pack_block_n()
+    half = block_n // 2
+    if n % block_n:  # a tail block: the general unpack
+        g = torch.arange(k, device=qweight.device) // group
+        codes = unpack_int4pack_cpu_kn(qweight, n, k, block_n)
+        return scales[g] * (codes - zero_codes[g].to(torch.int32)).to(scales.dtype)
+    groups, blocks = k // group, n // block_n
+    shifts = torch.arange(0, 8, 4, device=qweight.device, dtype=torch.int32).view(1, 1, 1, 2, 1)
+    b = qweight.reshape(-1).view(blocks, groups, group, half).permute(1, 2, 0, 3).unsqueeze(3).to(torch.int32)
+    codes = (b >> shifts) & 0xF  # (groups, group, blocks, 2, half): row n = block*block_n + nibble*half + d
+    s = scales.view(groups, 1, blocks, 2, half)
+    z = zero_codes.view(groups, 1, blocks, 2, half).to(torch.int32)
+    return (s * (codes - z).to(s.dtype)).reshape(k, n)
+
+
+def _int4pack_resident_forward(info, x, tensors):
+    named = _named(info, tensors)
+    if "ret_idx" in named:
+        x = x.index_select(-1, named["ret_idx"].long())
+    weight = int4pack_resident_dequantize(info, named["qweight"], named["scales"], named["qpass_zero_codes"]).to(x.dtype)
+    return _add_bias(torch.matmul(x, weight), named)
+
+
+int4pack_resident = SimpleNamespace(name="int4pack-resident", torch_forward=_int4pack_resident_forward,
+                                    dequantize=int4pack_resident_dequantize)
 
 
 # ---- int8 per output channel ------------------------------------------------------------------------

@@ -60,16 +60,27 @@ def int4pack_block_n() -> int:
 
 
 def unpack_int4pack_cpu(packed: torch.Tensor, n: int, k: int, block_n: int) -> torch.Tensor:
-    """(N, K/2) uint8 from `_convert_weight_to_int4pack_for_cpu` -> (N, K) int32 codes.
+    """(N, K/2) uint8 from `_convert_weight_to_int4pack_for_cpu` -> (N, K) int32 codes."""
+    return unpack_int4pack_cpu_kn(packed, n, k, block_n).t()
+
+
+def unpack_int4pack_cpu_kn(packed: torch.Tensor, n: int, k: int, block_n: int) -> torch.Tensor:
+    """The same codes as (K, N), the orientation a dequantize + matmul wants.
 
     Full blocks of `block_n` output rows store row d and row d + block_n/2 in the low/high nibble of one
-    byte, k-major; a tail block (N % block_n rows) stores rows 2d and 2d+1 together.
+    byte, k-major: as bytes, (N/block_n, K, block_n/2). All full blocks are unpacked by one broadcast
+    expression (no per-block loop: inductor makes it one vectorized kernel, and the graph stays small);
+    a tail block (N % block_n rows) stores rows 2d and 2d+1 together.
     """
     flat = packed.reshape(-1)
+    full = n - n % block_n
+    half = block_n // 2
     parts = []
-    for n0 in range(0, n, block_n):
-        nb = min(block_n, n - n0)
-        blk = flat[n0 * k // 2 : (n0 + nb) * k // 2].view(k, nb // 2).to(torch.int32)
-        lo, hi = blk & 0xF, blk >> 4
-        parts.append(torch.cat([lo, hi], 1) if nb == block_n else torch.stack([lo, hi], 2).reshape(k, nb))
-    return torch.cat(parts, 1).t()
+    if full:
+        blk = flat[: full * k // 2].view(full // block_n, k, half).to(torch.int32)
+        nib = torch.stack([blk & 0xF, blk >> 4], 2)  # (blocks, K, 2, half): row = block*block_n + h*half + d
+        parts.append(nib.permute(1, 0, 2, 3).reshape(k, full))
+    if n > full:
+        tail = flat[full * k // 2 :].view(k, (n - full) // 2).to(torch.int32)
+        parts.append(torch.stack([tail & 0xF, tail >> 4], 2).reshape(k, n - full))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
