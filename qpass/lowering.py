@@ -17,7 +17,9 @@ activations to bf16 would break the fp32 parity tolerance).
 
 Memory: no dense copy of any weight is kept. The int4pack lowerings keep ONE repacked copy of the 4-bit codes
 (same bytes as `qweight`) plus bf16 scales/zero offsets per site or sibling group, made on first use;
-`repacked_bytes()` reports it. The module's own buffers are untouched (state_dict, eager, training).
+`repacked_bytes()` reports it. The module's own buffers are untouched (state_dict, eager, training). Sites
+already holding the int4pack layout (`prepare(..., base_layout="int4pack")`, `qpass.resident`; gptqmodel's
+TorchAtenLinear) are read from their own buffers: no copy.
 
 The int4 kernels have no autograd formula; in a graph that needs gradients the lowering wraps the kernel in
 `qpass::int4pack_mm`, whose backward is dx = dy @ W^T with W dequantized from the repacked codes.

@@ -5,17 +5,18 @@ steps, keeps a repacked copy of the 4-bit codes beside them (`qpass.lowering.pac
 the 4-bit weights are held twice (1.56x the quantized model + adapters on the benchmark model).
 
 With "int4pack", `prepare` converts every eligible site in place, as gptqmodel's own `TorchAtenLinear` does
-on its first eval forward: `qweight` becomes aten's int4pack layout (same bytes: 4 bits per weight), scales
-and zero points become one bf16 `scales_and_zeros` tensor, an act-order permutation becomes `ret_idx`. The
-site then reads the `layouts.int4pack_cpu` layout everywhere — decode through
-`aten._weight_int4pack_mm_for_cpu` on the module's own buffers (no copy), prefill and training through the
-plain-torch dequantize of that layout, eager through the same plain-torch path. The library's forward is
-no longer called for these sites.
+on its first eval forward: `qweight` becomes aten's int4pack layout (same bytes: 4 bits per weight), plus
+the kernel's bf16 `scales_and_zeros` table, the zero points as one uint8 code per (group, output)
+(`qpass_zero_codes`) and, for act-order, the input permutation `ret_idx`; the library's `scales` stay. The site
+then reads the `layouts.int4pack_resident` layout everywhere — decode through
+`aten._weight_int4pack_mm_for_cpu` on the module's own buffers (no copy), prefill, training and eager through a
+plain-torch dequantize of the codes with the library's scales and zero codes (s * (q - z), the library's
+arithmetic). The library's forward is no longer called for these sites.
 
-The library's own scales/zero points/g_idx are kept (small: ~3% of the codes at group 128) so that the
-library layout can be restored bit-exactly: `qpass.unprepare` and `qpass.merge` restore it (the codes are
-unpacked from the int4pack layout and packed again the library's way), and `state_dict()` of a converted
-layer yields the library's tensors, so `save_pretrained` writes a normal checkpoint.
+The library's packed zero points and g_idx are kept off the module (small) so that the library layout can be
+restored bit-exactly: `qpass.unprepare` and `qpass.merge` restore it (the codes are unpacked from the
+int4pack layout and packed again the library's way), and `state_dict()` of a converted layer yields the
+library's tensors, so `save_pretrained` writes a normal checkpoint.
 
 Eligible: CPU, 4-bit GPTQ packing (gptqmodel, with g_idx) or AWQ packing (autoawq / gptqmodel AWQ), group
 32/64/128/256, bfloat16 scales (the kernel's scale format: converting fp16/fp32 scales would round them).
