@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from . import resident
 from .rewrite import rewrite
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -79,7 +80,7 @@ class QpassBackend:
                 if site is not None and state.sites.get(row.module) is site:
                     row.status = "rewritten" if row.adapter else "rewritten (base only: not in target_modules)"
                     used = "; ".join(getattr(site, "lowerings_used", None) or [self.lowering])
-                    layout = "int4pack layout (resident): " if getattr(site, "library_info", None) is not None else ""
+                    layout = "int4pack layout (resident): " if resident.is_resident(site) else ""
                     row.base = f"{layout}{used} ({self.inner_name})"
 
 

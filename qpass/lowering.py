@@ -102,13 +102,13 @@ class Packed:
 _CACHE: dict = {}  # (device kind, site ids) -> (weakrefs to the base buffers, buffer versions, Packed)
 
 
-def _pack(sites, kind: str) -> Optional[Packed]:
-    parts = []
-    for site in sites:
-        found = _codes_scales_zeros(site, site.base_tensors())
-        if found is None:
-            return None
-        parts.append(found)
+def _pack(sites, kind: str, parts: Optional[list] = None) -> Optional[Packed]:
+    """Repack `sites` (concatenated along N) for the int4 kernel; `parts`: their `_codes_scales_zeros`, if the
+    caller already has them."""
+    if parts is None:
+        parts = [_codes_scales_zeros(site, site.base_tensors()) for site in sites]
+    if any(found is None for found in parts):
+        return None
     perms = [p for _, _, _, p in parts]
     if any(p is not None for p in perms) and not all(p is not None and torch.equal(p, perms[0]) for p in perms):
         return None  # siblings with different act-order permutations cannot share one input
@@ -127,7 +127,7 @@ def _pack(sites, kind: str) -> Optional[Packed]:
     return Packed(kind, weight, sz, perms[0], info.group_size, info.in_features, tuple(s.info.out_features for s in sites))
 
 
-def _held(site) -> Optional[Packed]:
+def _held(site) -> Packed:
     """A site whose module already holds the CPU int4pack layout (base_layout="int4pack", or gptqmodel's
     TorchAtenLinear after its first eval forward): its own buffers, no copy."""
     info = site.info

@@ -73,9 +73,9 @@ def convert(site, undo) -> Optional[str]:
     info = site.info
     module = site.module
     with torch.no_grad():
-        packed = lowering._pack([site], "cpu")
         found = lowering._codes_scales_zeros(site, site.base_tensors())
-    if packed is None or found is None:
+        packed = lowering._pack([site], "cpu", parts=[found])
+    if packed is None:
         return "int4pack layout: this layer's codes cannot be repacked (act-order groups not contiguous)"
     zero_codes = found[2].to(torch.uint8).contiguous()
     # qweight is re-made from the codes on restore; scales stay on the module (the dequantize reads them)

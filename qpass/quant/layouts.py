@@ -32,6 +32,20 @@ def _add_bias(out, named):
     return out if bias is None else out + bias.to(out.dtype)
 
 
+def _permuted_forward(dequantize, *names):
+    """torch_forward of a layout whose kernel may permute the input (act-order: `ret_idx`):
+    x[..., ret_idx] @ dequantize(info, *those buffers) + bias."""
+
+    def forward(info, x, tensors):
+        named = _named(info, tensors)
+        if "ret_idx" in named:
+            x = x.index_select(-1, named["ret_idx"].long())
+        weight = dequantize(info, *(named[n] for n in names)).to(x.dtype)
+        return _add_bias(torch.matmul(x, weight), named)
+
+    return forward
+
+
 # ---- AWQ GEMM ---------------------------------------------------------------------------------------
 
 
@@ -69,15 +83,8 @@ def int4pack_dequantize(info, qweight, scales_and_zeros) -> torch.Tensor:
     return (codes - 8).float() * scale[g] + zero[g]
 
 
-def _int4pack_forward(info, x, tensors):
-    named = _named(info, tensors)
-    if "ret_idx" in named:
-        x = x.index_select(-1, named["ret_idx"].long())
-    weight = int4pack_dequantize(info, named["qweight"], named["scales_and_zeros"]).to(x.dtype)
-    return _add_bias(torch.matmul(x, weight), named)
-
-
-int4pack_cpu = SimpleNamespace(name="aten-int4pack-cpu", torch_forward=_int4pack_forward, dequantize=int4pack_dequantize)
+int4pack_cpu = SimpleNamespace(name="aten-int4pack-cpu", dequantize=int4pack_dequantize,
+                               torch_forward=_permuted_forward(int4pack_dequantize, "qweight", "scales_and_zeros"))
 
 
 # ---- qpass's resident int4pack layout (base_layout="int4pack", `qpass.resident`) -----------------------
@@ -106,16 +113,9 @@ def int4pack_resident_dequantize(info, qweight, scales, zero_codes) -> torch.Ten
     return (s * (codes - z).to(s.dtype)).reshape(k, n)
 
 
-def _int4pack_resident_forward(info, x, tensors):
-    named = _named(info, tensors)
-    if "ret_idx" in named:
-        x = x.index_select(-1, named["ret_idx"].long())
-    weight = int4pack_resident_dequantize(info, named["qweight"], named["scales"], named["qpass_zero_codes"]).to(x.dtype)
-    return _add_bias(torch.matmul(x, weight), named)
-
-
-int4pack_resident = SimpleNamespace(name="int4pack-resident", torch_forward=_int4pack_resident_forward,
-                                    dequantize=int4pack_resident_dequantize)
+int4pack_resident = SimpleNamespace(
+    name="int4pack-resident", dequantize=int4pack_resident_dequantize,
+    torch_forward=_permuted_forward(int4pack_resident_dequantize, "qweight", "scales", "qpass_zero_codes"))
 
 
 # ---- int8 per output channel ------------------------------------------------------------------------
@@ -148,12 +148,5 @@ def hf_int4_dequantize(info, qweight, qzeros, scales) -> torch.Tensor:
     return (codes.t().float() - qzeros[g].float()) * scales[g].float()
 
 
-def _hf_int4_forward(info, x, tensors):
-    named = _named(info, tensors)
-    if "ret_idx" in named:
-        x = x.index_select(-1, named["ret_idx"].long())
-    weight = hf_int4_dequantize(info, named["qweight"], named["qzeros"], named["scales"]).to(x.dtype)
-    return _add_bias(torch.matmul(x, weight), named)
-
-
-hf_int4 = SimpleNamespace(name="cpu-avx512-int4", torch_forward=_hf_int4_forward, dequantize=hf_int4_dequantize)
+hf_int4 = SimpleNamespace(name="cpu-avx512-int4", dequantize=hf_int4_dequantize,
+                          torch_forward=_permuted_forward(hf_int4_dequantize, "qweight", "qzeros", "scales"))
