@@ -372,10 +372,12 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
         rows = _tokens(xa)
         reduce = not needs_grad and rows is not None and rows <= REDUCE_MAX_ROWS
-        a_all = ps[0]["lora_A.weight"] if len(ps) == 1 else torch.cat([p["lora_A.weight"] for p in ps], 0)
-        down = adapter_linear(xa, a_all, reduce=reduce)
+        if reduce or len(ps) == 1:  # the multiply + sum form fuses per site; concatenating would copy every A
+            downs = [adapter_linear(xa, p["lora_A.weight"], reduce=reduce) for p in ps]
+        else:  # one GEMM for every sibling's down-projection
+            downs = adapter_linear(xa, torch.cat([p["lora_A.weight"] for p in ps], 0)).split(ranks, -1)
         outs = []
-        for y, t, p, pol in zip(ys, down.split(ranks, -1), ps, pols):
+        for y, t, p, pol in zip(ys, downs, ps, pols):
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             delta = adapter_linear(t, p["lora_B.weight"], p.get("lora_B.bias"), reduce=reduce) * p["scaling"]
