@@ -172,7 +172,7 @@ def make_configs(names, sizes, group, r):
         if base_only:
             for site in model._qpass.sites.values():
                 site.disabled = True
-        compiled = torch.compile(model, backend=qpass.backend())
+        compiled = torch.compile(model, backend=qpass.backend(), options={"guard_filter_fn": qpass.guard_filter})  # as qpass.compile
         return Config(name, model, compiled, qpass_model=model, group="awq" if "awq" in kind else "gptq",
                       workloads=("decode", "prefill") if base_only else WORKLOADS,
                       note="adapters disabled: nothing to train" if base_only else "")

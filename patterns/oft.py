@@ -128,6 +128,7 @@ SPEC = register(
         check=lambda site, cfg: blocks(site, cfg),
         rank=lambda cfg: cfg.r or cfg.oft_block_size,
         before_forward=before_forward,
+        traced_config=("dtype_policy", "coft", "eps", "module_dropout"),  # what before_forward reads
         description="OFT / COFT (block-orthogonal input rotation)",
     )
 )

@@ -10,6 +10,7 @@ from .backend import backend
 from .config import AdaLoraConfig, AdapterConfig, LoraConfig, OFTConfig
 from .adalora_allocator import orthogonal_regularization, update_and_allocate
 from .errors import AdapterLoadError, QpassError
+from .guards import guard_filter
 from .lifecycle import active_adapters, disable_adapters, hotswap_adapter, load_adapter, set_adapter
 from .merge import merge, save_quantized
 from .prepare import prepare, unprepare
@@ -17,7 +18,7 @@ from .spec import AdapterSpec, Param, SiteShape, register
 
 __all__ = [
     "AdaLoraConfig", "AdapterConfig", "AdapterLoadError", "OFTConfig", "orthogonal_regularization", "update_and_allocate", "AdapterSpec", "LoraConfig", "Param", "QpassError", "SiteShape",
-    "backend", "compile", "prepare", "register", "report", "save_adapter",
+    "backend", "compile", "guard_filter", "prepare", "register", "report", "save_adapter",
     "active_adapters", "disable_adapters", "hotswap_adapter", "load_adapter", "merge", "save_quantized", "set_adapter", "unprepare",
 ]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from torch import nn
 from . import adapter_io
 from .backend import QpassBackend
 from .errors import QpassError
+from .guards import guard_filter
 from .prepare import prepare, state_of, unwrap
 
 
@@ -16,12 +17,19 @@ def compile(model: nn.Module, adapter, *, adapter_name: str = "default", inner: 
     """`prepare(model, adapter)` then `torch.compile` with the qpass backend; returns the compiled module.
     `base_layout="int4pack"` holds 4-bit weights once, in the CPU int4 kernel's layout (see `qpass.prepare`).
 
-    Extra keyword arguments go to `torch.compile` (e.g. `dynamic=True`, `fullgraph=True`, `mode=...`).
+    Extra keyword arguments go to `torch.compile` (e.g. `dynamic=True`, `fullgraph=True`, `options=...`).
+    Unless `options` names its own `guard_filter_fn` (or `mode` is given, which torch does not allow together
+    with `options`), dynamo's guards on qpass's own state are replaced by one key per site and adapter
+    (`qpass.guard_filter`, see qpass/guards.py).
     """
     if "backend" in torch_compile_kwargs:
         raise QpassError("qpass.compile chooses the backend; pass inner='inductor'|'aot_eager'|'eager' instead of backend=")
     prepare(model, adapter, adapter_name=adapter_name, max_rank=max_rank, base_layout=base_layout)
     state = state_of(model)
+    if "mode" not in torch_compile_kwargs:
+        options = dict(torch_compile_kwargs.pop("options", None) or {})
+        options.setdefault("guard_filter_fn", guard_filter)
+        torch_compile_kwargs["options"] = options
     return torch.compile(model, backend=QpassBackend(inner, state=state), **torch_compile_kwargs)
 
 

@@ -73,6 +73,10 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
     names = site.active_names()
     slots = self.qpass_adapters
     if torch.compiler.is_compiling():
+        # Branch on the guard keys so dynamo guards them (qpass.guards: with its filter, they stand in for
+        # the guards on every field of the site and its adapters).
+        if not site.trace_key or not all(slots[n].trace_key for n in names):
+            raise QpassError(f"{site.path}: qpass state without a trace key")
         xa = site.adapter_inputs(x, names, self.training)
         adapter = [t for n in names for t in slots[n].tensors()]
         return torch.ops.qpass.site(x, xa, site.base_tensors(), adapter, site.key, join_names(names))
@@ -297,6 +301,7 @@ def _install(state: QpassState, model: nn.Module, cfg, slots: dict, adapter_name
     `trainable`) the only trainable parameters, as PEFT does."""
     for path, slot in slots.items():
         state.sites[path].slots[adapter_name] = slot
+        state.sites[path].refresh_trace_key()
     state.configs[adapter_name] = cfg
     for row in state.report.rows:
         slot = slots.get(row.module)

@@ -46,8 +46,25 @@ class Site:
     disabled: bool = False
     owner: Optional[Callable] = None  # weakref to the model's QpassState
 
+    # The fields the traced forward reads; assigning any of them refreshes `trace_key` (see qpass.guards).
+    # `slots` is a ModuleDict: code that adds or removes an adapter calls `refresh_trace_key()`.
+    trace_fields = ("id", "info", "slots", "active", "disabled")
+
     def __post_init__(self):
         _SITES[self.id] = self
+        self.refresh_trace_key()
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name in self.trace_fields and "trace_key" in self.__dict__:
+            self.refresh_trace_key()
+
+    def refresh_trace_key(self) -> None:
+        """One string for everything of this site the trace reads: the compiled model guards it (and, with
+        `qpass.guard_filter`, not the fields one by one)."""
+        active = "disabled" if self.disabled else ",".join(self.active)
+        key = f"{self.id}|{active}|{','.join(self.slots)}|{self.info!r}"
+        object.__setattr__(self, "trace_key", key)
 
     @property
     def key(self) -> str:

@@ -66,6 +66,10 @@ class AdapterSpec:
     # Optional: `(slot, adapter_config) -> {name: tensor}`, what `save_adapter` writes for a site (default: the
     # slot's parameters). AdaLoRA uses it to drop the ranks its allocator pruned, as PEFT does.
     export: Optional[Callable] = None
+    # The config fields the traced forward reads outside the op (`before_forward`, the dtype policy): part of
+    # each slot's guard key (qpass.guards). Fields read only inside the op (rank, alpha) are not: changing
+    # them by hot-swap never recompiles.
+    traced_config: tuple = ("dtype_policy",)
 
     def __post_init__(self):
         if self.dtype_policy not in POLICIES:
@@ -160,6 +164,20 @@ class AdapterSlot(nn.Module):
             self.constant_names.append(name)
         self.tensor_names = self.param_names + self.constant_names
         self.dropout_p = float(spec.dropout(cfg))
+        self.refresh_trace_key()
+
+    # The attributes the traced forward reads; assigning any of them refreshes `trace_key` (see qpass.guards).
+    trace_fields = ("spec", "cfg", "dropout_p", "tensor_names", "param_names", "constant_names")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self.trace_fields and "trace_key" in self.__dict__:
+            self.refresh_trace_key()
+
+    def refresh_trace_key(self) -> None:
+        traced = {f: getattr(self.cfg, f, None) for f in self.spec.traced_config}
+        key = f"{self.spec.name}|{traced!r}|{self.dropout_p!r}|{','.join(self.tensor_names)}"
+        object.__setattr__(self, "trace_key", key)
 
     def _set(self, dotted: str, value) -> None:
         owner = self

@@ -55,12 +55,22 @@ def references(dirs):
     return out
 
 
-def test_switch_and_disable_give_fresh_outputs_and_no_recompile_after_first(dirs, references):
+def _compile(model, filtered):
+    """Every guard (a user's own torch.compile), or qpass's per-site keys instead (what qpass.compile does)."""
+    options = {"guard_filter_fn": qpass.guard_filter} if filtered else None
+    return torch.compile(model, backend=qpass.backend("aot_eager"), options=options)
+
+
+GUARDS = pytest.mark.parametrize("filtered", [False, True], ids=["all-guards", "qpass-guard-filter"])
+
+
+@GUARDS
+def test_switch_and_disable_give_fresh_outputs_and_no_recompile_after_first(dirs, references, filtered):
     ids = input_ids()
     model = qpass.prepare(make_model(), dirs["a"], adapter_name="a")
     qpass.load_adapter(model, dirs["b"], "b")
     assert qpass.active_adapters(model) == ("a",)
-    compiled = torch.compile(model, backend=qpass.backend("aot_eager"))
+    compiled = _compile(model, filtered)
     stats = qpass.report(compiled).stats
 
     def run(combo):
@@ -96,10 +106,11 @@ def test_set_adapter_controls_what_trains(dirs):
         qpass.load_adapter(model, dirs["b"], "b")
 
 
-def test_hotswap_without_recompile_equals_fresh_compile(dirs, references):
+@GUARDS
+def test_hotswap_without_recompile_equals_fresh_compile(dirs, references, filtered):
     ids = input_ids()
     model = qpass.prepare(make_model(), dirs["a"], max_rank=8)
-    compiled = torch.compile(model, backend=qpass.backend("aot_eager"))
+    compiled = _compile(model, filtered)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, references[("a",)], rtol=0, atol=2e-4)
     stats = qpass.report(compiled).stats
