@@ -158,6 +158,49 @@ def packed_for(sites, kind: str) -> Optional[Packed]:
     return packed
 
 
+@dataclass
+class Derived:
+    """Small tensors derived once from a site's buffers for its plain-torch base (4-bit AWQ: the scales in
+    slot-major column order, `layouts.awq_slot_scales`); cached and registered on the graph like repacked
+    weights."""
+
+    items: list
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.items)
+
+    def tensors(self) -> list:
+        return list(self.items)
+
+
+def derived_for(site) -> Optional[Derived]:
+    """The site's derived tensors for the torch-dequant base, made once and cached (re-made if a base buffer
+    was replaced or changed in place), or None if its base needs none."""
+    info = site.info
+    if info.matcher is not layouts.awq:
+        return None
+    named = dict(zip(info.buffers, site.base_tensors()))
+    if not layouts.slot_major(info, named["qzeros"].shape[0]):
+        return None
+    key = ("awq-slot-scales", (site.id,))
+    versions = tuple((id(b), b._version) for b in site.base_tensors())
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    with torch.no_grad():
+        derived = Derived([layouts.awq_slot_scales(named["scales"]).contiguous()])
+    _CACHE[key] = (versions, derived)
+    weakref.finalize(site, _CACHE.pop, key, None)
+    return derived
+
+
+def dequant_base(site, derived: Optional[Derived]):
+    """`(h, base, tensors) -> y`: the site's plain-torch base, reading `derived`'s tensors if any."""
+    if derived is None:
+        return lambda h, base, tensors: site.torch_base(h, base)
+    return lambda h, base, tensors: site.info.matcher.torch_forward(site.info, h, base, *tensors)
+
+
 def repacked_bytes(sites=None) -> int:
     """Bytes held by repacked weights (for memory accounting): all of them, or those covering `sites`."""
     ids = None if sites is None else {s.id for s in sites}
@@ -299,8 +342,12 @@ def lowered_site(site, names: tuple, lowering: str, needs_grad: bool = False):
     """One site: the spec's math around the chosen base. The returned function takes a fifth argument, the
     repacked tensors listed in `fn.qpass_constants` (the rewrite passes them as graph tensors)."""
     if lowering == "torch-dequant":
-        return site.lowered(names, "torch-dequant")
-    kernel_fn, packed = _kernel_base(site, lowering, needs_grad)
+        derived = derived_for(site)
+        if derived is None:
+            return site.plain_lowered(names)
+        kernel_fn, packed = dequant_base(site, derived), derived
+    else:
+        kernel_fn, packed = _kernel_base(site, lowering, needs_grad)
 
     def fn(x, xa, base, adapter, kernel=()):
         return site.run(x, list(xa), list(base), list(adapter), names, lambda h, b: kernel_fn(h, b, list(kernel)))
@@ -347,8 +394,12 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     slots = [s.slots[names[0]] for s in sites]
     ranks = [slot.get("lora_A.weight").shape[0] for slot in slots]
     pols = [s.policy(slot) for s, slot in zip(sites, slots)]
-    packed, singles = None, None
-    if lowering != "torch-dequant":
+    packed, singles, derived = None, None, None
+    if lowering == "torch-dequant":
+        derived = [derived_for(s) for s in sites]
+        if all(d is None for d in derived):
+            derived = None
+    else:
         kind = lowering.rsplit("-", 1)[-1]
         packed = packed_for(sites, kind)
         if packed is None:  # e.g. act-order siblings with different permutations: one kernel call per site
@@ -356,6 +407,7 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
             if any(p is None for p in singles):
                 singles = None
     counts = [len(p.tensors()) for p in singles] if singles else []
+    dcounts = [len(d.tensors()) if d is not None else 0 for d in derived] if derived else []
 
     def fn(x, xa, bases, adapters, kernel=()):
         kernel = list(kernel)
@@ -366,6 +418,11 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
             ys, at = [], 0
             for s, p, n, b in zip(sites, singles, counts, bases):
                 ys.append(_add_bias(s, _int4_matmul(p, x, needs_grad, kernel[at : at + n]), b))
+                at += n
+        elif derived is not None:
+            ys, at = [], 0
+            for s, d, n, b in zip(sites, derived, dcounts, bases):
+                ys.append(dequant_base(s, d)(x, list(b), kernel[at : at + n]))
                 at += n
         else:
             ys = [s.torch_base(x, list(b)) for s, b in zip(sites, bases)]
@@ -387,5 +444,7 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     fn.__name__ = fn.__qualname__ = (
         "qpass_siblings_" + "_".join(s.path.rsplit(".", 1)[-1] for s in sites) if len(sites) > 1
         else "qpass_site_" + sites[0].path.replace(".", "_"))
-    fn.qpass_constants = packed.tensors() if packed is not None else [t for p in singles or [] for t in p.tensors()]
+    fn.qpass_constants = (packed.tensors() if packed is not None else
+                          [t for p in singles or [] for t in p.tensors()] +
+                          [t for d in derived or [] if d is not None for t in d.tensors()])
     return fn, packed is not None or singles is not None

@@ -153,12 +153,14 @@ class Site:
         return self.eager_base(h)
 
     def lowered(self, names: tuple, lowering: str = "torch-dequant", needs_grad: bool = False):
-        """The function the backend splices into the graph in place of this site's op node. Lowerings other
-        than plain-torch dequant (device int4 kernels) live in `qpass.lowering`."""
-        if lowering != "torch-dequant":
-            from .lowering import lowered_site
+        """The function the backend splices into the graph in place of this site's op node (chosen in
+        `qpass.lowering`: device int4 kernels, or plain torch with any derived constants)."""
+        from .lowering import lowered_site
 
-            return lowered_site(self, names, lowering, needs_grad)
+        return lowered_site(self, names, lowering, needs_grad)
+
+    def plain_lowered(self, names: tuple):
+        """The site's math on its plain-torch base, reading nothing but its own tensors."""
 
         def fn(x, xa, base, adapter):
             return self.run(x, list(xa), list(base), list(adapter), names, self.torch_base)

@@ -116,3 +116,32 @@ def test_tiny_autoawq_llama_eager_compiled_and_trains(adapter_dir):
     for n, g in ours.items():
         assert (g - ref_grads[n]).norm() <= 1e-2 * ref_grads[n].norm(), n
     assert qpass.report(compiled).summary()["sites_rewritten"] == 7
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_slot_major_base_equals_natural_dequant_and_is_cached_for_the_graph(group_size):
+    """4-bit AWQ's base dequantizes with its columns in slot-major order (contiguous loads) and puts the output
+    columns back: the same products as AutoAWQ's dequantize_gemm + matmul; the lowering derives the reordered
+    scales once and hands them to the graph as a constant."""
+    from qpass import lowering
+    from qpass.quant import layouts
+
+    torch.manual_seed(group_size)
+    q = awq_linear_from(torch.nn.Linear(256, 96), group_size=group_size)
+    info = match(q)
+    tensors = [getattr(q, n) for n in info.buffers]
+    x = torch.randn(3, 5, 256, dtype=torch.float16)
+    natural = x.float() @ layouts.awq_dequantize(info, q.qweight, q.qzeros, q.scales).float()
+    ours = layouts._awq_forward(info, x.float(), tensors)  # W in the scales' fp16, as AutoAWQ; the matmul in fp32
+    torch.testing.assert_close(ours, natural + q.bias.float(), rtol=1e-5, atol=1e-4)
+    assert layouts.slot_major(info, q.qzeros.shape[0])
+    model = qpass.prepare(torch.nn.Sequential(q), qpass.LoraConfig(r=4, target_modules=["0"]))
+    site = next(iter(model._qpass.sites.values()))
+    derived = lowering.derived_for(site)
+    assert derived is lowering.derived_for(site)  # cached
+    assert torch.equal(derived.tensors()[0], layouts.awq_slot_scales(q.scales))
+    assert lowering.repacked_bytes([site]) == derived.nbytes() == q.scales.numel() * 2
+    compiled = torch.compile(model, backend=qpass.backend("inductor"))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=2e-2)
+    assert qpass.report(model).rows[0].base.startswith("torch-dequant")

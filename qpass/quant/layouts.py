@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu_kn, unpack_stream
+from .packing import AWQ_REVERSE_ORDER, awq_interleave, int4pack_block_n, unpack_int4pack_cpu_kn, unpack_stream
 
 
 def _named(info, tensors) -> dict:
@@ -61,10 +61,46 @@ def awq_dequantize(info, qweight, qzeros, scales) -> torch.Tensor:
     return (q - z[g]).to(scales.dtype) * scales[g]
 
 
-def _awq_forward(info, x, tensors):
+# The natural output column held by 4-bit slot p of an AWQ word (slot p = bits 4p..4p+3), and its inverse.
+AWQ_SLOT_COLUMN = tuple(int(i) for i in torch.tensor(AWQ_REVERSE_ORDER).argsort())
+AWQ_COLUMN_SLOT = AWQ_REVERSE_ORDER
+
+
+def awq_slot_scales(scales: torch.Tensor) -> torch.Tensor:
+    """(G, N) scales -> (G, 8, N/8): the scale of the column in slot p of word w at [g, p, w] (see `_awq_forward`)."""
+    g, n = scales.shape
+    return scales.view(g, n // 8, 8)[:, :, list(AWQ_SLOT_COLUMN)].transpose(1, 2)
+
+
+def slot_major(info, groups: int) -> bool:
+    """4-bit AWQ with whole groups: the slot-major form of `_awq_forward` applies."""
+    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    return info.bits == 4 and info.out_features % 8 == 0 and groups * group == info.in_features
+
+
+def _awq_forward(info, x, tensors, slot_scales=None):
+    """y = x @ W (+ bias). 4-bit: W is dequantized with its columns in slot-major order (column p·N/8 + w is slot
+    p of word w), where every load is contiguous and each shift constant per row — the natural order would
+    need a per-element shift and word index, which inductor computes one element at a time. The GEMM's output
+    columns are then put back in natural order (M×N values, not K×N). Same products and roundings as
+    `awq_dequantize`. `slot_scales`: `awq_slot_scales(scales)` made once (the lowering caches it), else
+    gathered here."""
     named = _named(info, tensors)
-    weight = awq_dequantize(info, named["qweight"], named["qzeros"], named["scales"]).to(x.dtype)
-    return _add_bias(torch.matmul(x, weight), named)
+    if not slot_major(info, named["qzeros"].shape[0]):
+        weight = awq_dequantize(info, named["qweight"], named["qzeros"], named["scales"]).to(x.dtype)
+        return _add_bias(torch.matmul(x, weight), named)
+    qweight, qzeros, scales = named["qweight"], named["qzeros"], named["scales"]
+    k, words = qweight.shape
+    groups = qzeros.shape[0]
+    if slot_scales is None:
+        slot_scales = awq_slot_scales(scales)
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32).view(1, 8, 1)
+    q = (qweight.unsqueeze(1) >> shifts) & 15  # (K, 8, N/8)
+    z = (qzeros.unsqueeze(1) >> shifts) & 15  # (G, 8, N/8)
+    w = (q.view(groups, k // groups, 8, words) - z.unsqueeze(1)).to(scales.dtype) * slot_scales.unsqueeze(1)
+    y = torch.matmul(x, w.reshape(k, 8 * words).to(x.dtype))
+    y = y.unflatten(-1, (8, words))[..., list(AWQ_COLUMN_SLOT), :].transpose(-1, -2).flatten(-2)
+    return _add_bias(y, named)
 
 
 awq = SimpleNamespace(name="awq-gemm", torch_forward=_awq_forward, dequantize=awq_dequantize)
