@@ -6,7 +6,7 @@ Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
 | name            | computes                                                         | where it is chosen by "auto" |
 |-----------------|------------------------------------------------------------------|------------------------------|
 | torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | training (dx through the base), prefill (> DECODE_MAX_TOKENS tokens), fp32/fp16 activations on CPU, layouts the kernels cannot take |
-| int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens, no gradient needed |
+| int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed |
 | int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
 
 Why these rules (measured on the benchmark machine, see benchmarks/results/latest.json "kernels"): at one token the
@@ -288,8 +288,12 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
         want = requested.rsplit("-", 1)[-1]
         return requested if want == kind and _codes_ok(site) else "torch-dequant"
     tokens = _tokens(x)
-    if (kind in ("cpu", "cuda") and x.dtype == torch.bfloat16 and not needs_grad and tokens is not None
-            and tokens <= DECODE_MAX_TOKENS and _codes_ok(site)):
+    # Weights held in the CPU kernel's layout (base_layout="int4pack", TorchAtenLinear) take the kernel at every
+    # token count: at 128 tokens it matches dequant + GEMM of the GPTQ layout (benchmarks --kernels), while
+    # dequantizing this layout costs 1.5-3x more than GPTQ's.
+    held = kind == "cpu" and site.info.matcher in (layouts.int4pack_cpu, layouts.int4pack_resident)
+    if (kind in ("cpu", "cuda") and x.dtype == torch.bfloat16 and not needs_grad
+            and (held or (tokens is not None and tokens <= DECODE_MAX_TOKENS)) and _codes_ok(site)):
         return f"int4pack-{kind}"
     return "torch-dequant"
 

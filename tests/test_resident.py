@@ -56,6 +56,7 @@ def test_int4pack_layout_computes_the_library_layout_and_holds_weights_once(kind
                                        rtol=0, atol=LOGIT_TOL[torch.bfloat16])
     bases = [r.base for r in qpass.report(model).rows]
     assert all(b.startswith("int4pack layout (resident): ") and "int4pack-cpu bf16" in b for b in bases), bases
+    assert not any("torch-dequant" in b for b in bases), bases  # the 9-token prompt took the kernel too
     assert lowering.repacked_bytes(sites) == 0  # the decode kernel read the modules' own buffers
     state = model.state_dict()  # the library's tensors: a checkpoint saved now is a normal one
     for k, v in original.items():
