@@ -99,7 +99,7 @@ class Packed:
         return [self.weight, self.scales_and_zeros] + ([self.perm] if self.perm is not None else [])
 
 
-_CACHE: dict = {}  # (device kind, site ids) -> (weakrefs to the base buffers, buffer versions, Packed)
+_CACHE: dict = {}  # (kind, site ids) -> (buffer ids and versions, Packed or Derived): see `_cached`
 
 
 def _pack(sites, kind: str, parts: Optional[list] = None) -> Optional[Packed]:
@@ -141,21 +141,31 @@ def packed_for(sites, kind: str) -> Optional[Packed]:
     """The repacked weights of `sites` (one site, or siblings fused along N), made once and cached; re-made if a
     base buffer was replaced or changed in place. Sites already holding the int4pack layout use their own
     buffers; siblings among them are not concatenated (that would be a copy): each runs its own kernel call."""
-    if any(s.info.matcher in (layouts.int4pack_cpu, layouts.int4pack_resident) for s in sites):
+    if any(_holds_kernel_layout(s) for s in sites):
         return _held(sites[0]) if len(sites) == 1 and kind == "cpu" else None
+    return _cached(kind, sites, lambda: _pack(sites, kind))
+
+
+def _holds_kernel_layout(site) -> bool:
+    """The module already holds the CPU int4pack layout (base_layout="int4pack", or TorchAtenLinear)."""
+    return site.info.matcher in (layouts.int4pack_cpu, layouts.int4pack_resident)
+
+
+def _cached(kind: str, sites, make):
+    """`make()` (tensors derived from `sites`' buffers) once per (kind, sites), cached; re-made if a base buffer
+    was replaced or changed in place. A None result is not cached."""
     key = (kind, tuple(s.id for s in sites))
-    bufs = [b for s in sites for b in s.base_tensors()]
-    versions = tuple((id(b), b._version) for b in bufs)
+    versions = tuple((id(b), b._version) for s in sites for b in s.base_tensors())
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == versions:
         return hit[1]
     with torch.no_grad():
-        packed = _pack(sites, kind)
-    if packed is not None:
-        _CACHE[key] = (versions, packed)
+        made = make()
+    if made is not None:
+        _CACHE[key] = (versions, made)
         for s in sites:  # drop the cache entry when a site goes away
             weakref.finalize(s, _CACHE.pop, key, None)
-    return packed
+    return made
 
 
 @dataclass
@@ -182,16 +192,7 @@ def derived_for(site) -> Optional[Derived]:
     named = dict(zip(info.buffers, site.base_tensors()))
     if not layouts.slot_major(info, named["qzeros"].shape[0]):
         return None
-    key = ("awq-slot-scales", (site.id,))
-    versions = tuple((id(b), b._version) for b in site.base_tensors())
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
-    with torch.no_grad():
-        derived = Derived([layouts.awq_slot_scales(named["scales"]).contiguous()])
-    _CACHE[key] = (versions, derived)
-    weakref.finalize(site, _CACHE.pop, key, None)
-    return derived
+    return _cached("awq-slot-scales", [site], lambda: Derived([layouts.awq_slot_scales(named["scales"]).contiguous()]))
 
 
 def dequant_base(site, derived: Optional[Derived]):
@@ -291,7 +292,7 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     # Weights held in the CPU kernel's layout (base_layout="int4pack", TorchAtenLinear) take the kernel at every
     # token count: at 128 tokens it matches dequant + GEMM of the GPTQ layout (benchmarks --kernels), while
     # dequantizing this layout costs 1.5-3x more than GPTQ's.
-    held = kind == "cpu" and site.info.matcher in (layouts.int4pack_cpu, layouts.int4pack_resident)
+    held = kind == "cpu" and _holds_kernel_layout(site)
     if (kind in ("cpu", "cuda") and x.dtype == torch.bfloat16 and not needs_grad
             and (held or (tokens is not None and tokens <= DECODE_MAX_TOKENS)) and _codes_ok(site)):
         return f"int4pack-{kind}"
@@ -398,12 +399,9 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     slots = [s.slots[names[0]] for s in sites]
     ranks = [slot.get("lora_A.weight").shape[0] for slot in slots]
     pols = [s.policy(slot) for s, slot in zip(sites, slots)]
-    packed, singles, derived = None, None, None
-    if lowering == "torch-dequant":
-        derived = [derived_for(s) for s in sites]
-        if all(d is None for d in derived):
-            derived = None
-    else:
+    packed, singles = None, None
+    derived = [derived_for(s) if lowering == "torch-dequant" else None for s in sites]
+    if lowering != "torch-dequant":
         kind = lowering.rsplit("-", 1)[-1]
         packed = packed_for(sites, kind)
         if packed is None:  # e.g. act-order siblings with different permutations: one kernel call per site
@@ -411,7 +409,7 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
             if any(p is None for p in singles):
                 singles = None
     counts = [len(p.tensors()) for p in singles] if singles else []
-    dcounts = [len(d.tensors()) if d is not None else 0 for d in derived] if derived else []
+    dcounts = [len(d.tensors()) if d is not None else 0 for d in derived]
 
     def fn(x, xa, bases, adapters, kernel=()):
         kernel = list(kernel)
@@ -423,13 +421,11 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
             for s, p, n, b in zip(sites, singles, counts, bases):
                 ys.append(_add_bias(s, _int4_matmul(p, x, needs_grad, kernel[at : at + n]), b))
                 at += n
-        elif derived is not None:
+        else:  # plain torch, with each site's derived tensors if it has any
             ys, at = [], 0
             for s, d, n, b in zip(sites, derived, dcounts, bases):
                 ys.append(dequant_base(s, d)(x, list(b), kernel[at : at + n]))
                 at += n
-        else:
-            ys = [s.torch_base(x, list(b)) for s, b in zip(sites, bases)]
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
         rows = _tokens(xa)
         reduce = not needs_grad and rows is not None and rows <= REDUCE_MAX_ROWS
@@ -450,5 +446,5 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
         else "qpass_site_" + sites[0].path.replace(".", "_"))
     fn.qpass_constants = (packed.tensors() if packed is not None else
                           [t for p in singles or [] for t in p.tensors()] +
-                          [t for d in derived or [] if d is not None for t in d.tensors()])
+                          [t for d in derived if d is not None for t in d.tensors()])
     return fn, packed is not None or singles is not None

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .quant import layouts
-from .quant.packing import AWQ_REVERSE_ORDER, int4pack_block_n, unpack_int4pack_cpu
+from .quant.packing import int4pack_block_n, unpack_int4pack_cpu
 
 LAYOUTS = ("library", "int4pack")
 _NEW = ("scales_and_zeros", "qpass_zero_codes", "ret_idx")
@@ -116,8 +116,7 @@ def library_qweight(site) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int64)
     if lib.matcher is layouts.awq:  # (K, N/8): 8 output columns per word, in AutoAWQ's interleaved order
         natural = codes.t().to(torch.int64).reshape(lib.in_features, -1, 8)
-        order = torch.tensor(AWQ_REVERSE_ORDER).argsort()  # position p of a word holds natural column order[p]
-        words = (natural[..., order] << shifts).sum(-1)
+        words = (natural[..., list(layouts.AWQ_SLOT_COLUMN)] << shifts).sum(-1)  # slot p holds column AWQ_SLOT_COLUMN[p]
     else:  # GPTQ: (K/8, N), 8 input rows per word
         words = (codes.to(torch.int64).reshape(lib.out_features, -1, 8) << shifts).sum(-1).t()
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()  # two's complement words
