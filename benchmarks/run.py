@@ -449,8 +449,10 @@ def recompile_check(w, cfg):
 
 def kernel_table(sizes, group):
     """Per weight shape of the model: the int4 CPU kernel vs bf16 / fp32 GEMM on an already dense weight
-    (the lower bound of dequant + matmul) vs qpass's compiled torch-dequant of one gptqmodel layer, at 1 and 128 tokens."""
+    (the lower bound of dequant + matmul) vs qpass's compiled torch-dequant of one gptqmodel layer, at 1 and 128 tokens;
+    at 1 token also qpass's gemv kernel on the layer's own packing (the decode lowering, no copy)."""
     import qpass
+    from qpass import kernels
     from qpass.toy import gptq_linear_from
 
     h, i = sizes["hidden_size"], sizes["intermediate_size"]
@@ -488,6 +490,8 @@ def kernel_table(sizes, group):
                     "dense_bf16_mm_ms": best(lambda: x @ wb),
                     "dense_fp32_mm_ms": best(lambda: x.float() @ wf),
                     "qpass_torch_dequant_bf16_ms": best(lambda: cq(x)),
+                    "qpass_gemv_cpu_bf16_ms": best(lambda: kernels.gptq4_gemv(x[0], [q.qweight], [q.qzeros], [q.scales], group).to(DTYPE))
+                    if m == 1 and kernels.available() else None,
                 })
     return rows
 

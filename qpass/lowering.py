@@ -5,8 +5,9 @@ Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
 
 | name            | computes                                                         | where it is chosen by "auto" |
 |-----------------|------------------------------------------------------------------|------------------------------|
-| torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | training (dx through the base), prefill (> DECODE_MAX_TOKENS tokens), fp32/fp16 activations on CPU, layouts the kernels cannot take |
-| int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed |
+| torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | training (dx through the base), prefill (> DECODE_MAX_TOKENS tokens), fp32/fp16 decode of AWQ / act-order layers on CPU, layouts the kernels cannot take |
+| gemv-cpu        | `qpass_kernels::gptq4_gemv` (qpass/kernels): reads gptqmodel's own 4-bit GPTQ packing, no copy; float32 math, any activation dtype; siblings in one call | CPU, 4-bit GPTQ with groups in order (no act-order), out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
+| int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed; where gemv-cpu does not apply (AWQ, act-order GPTQ) |
 | int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
 
 Why these rules (measured on the benchmark machine, see benchmarks/results/latest.json "kernels"): at one token the
@@ -15,7 +16,7 @@ dequantized weight beats it (the int4 kernel is a GEMV-style kernel), and the ke
 activations is 10-100x slower on a CPU without avx512_fp16, so those stay on torch-dequant (casting fp32
 activations to bf16 would break the fp32 parity tolerance).
 
-Memory: no dense copy of any weight is kept. The int4pack lowerings keep ONE repacked copy of the 4-bit codes
+Memory: no dense copy of any weight is kept; gemv-cpu keeps no copy at all. The int4pack lowerings keep ONE repacked copy of the 4-bit codes
 (same bytes as `qweight`) plus bf16 scales/zero offsets per site or sibling group, made on first use;
 `repacked_bytes()` reports it. The module's own buffers are untouched (state_dict, eager, training). Sites
 already holding the int4pack layout (`prepare(..., base_layout="int4pack")`, `qpass.resident`; gptqmodel's
@@ -34,11 +35,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import policy
+from . import kernels, policy
 from .quant import layouts
 from .quant.packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu_kn, unpack_stream
 
-LOWERINGS = ("auto", "torch-dequant", "int4pack-cpu", "int4pack-cuda")
+LOWERINGS = ("auto", "torch-dequant", "gemv-cpu", "int4pack-cpu", "int4pack-cuda")
 DECODE_MAX_TOKENS = 16
 _GROUPS = (32, 64, 128, 256)
 
@@ -285,10 +286,15 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     if requested == "torch-dequant" or x is None:
         return "torch-dequant"
     kind = x.device.type
+    if requested == "gemv-cpu":
+        return requested if kind == "cpu" and _gemv_ok(site) else "torch-dequant"
     if requested != "auto":
         want = requested.rsplit("-", 1)[-1]
         return requested if want == kind and _codes_ok(site) else "torch-dequant"
     tokens = _tokens(x)
+    decode = tokens is not None and tokens <= DECODE_MAX_TOKENS and not needs_grad
+    if kind == "cpu" and decode and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _gemv_ok(site):
+        return "gemv-cpu"
     # Weights held in the CPU kernel's layout (base_layout="int4pack", TorchAtenLinear) take the kernel at every
     # token count: at 128 tokens it matches dequant + GEMM of the GPTQ layout (benchmarks --kernels), while
     # dequantizing this layout costs 1.5-3x more than GPTQ's.
@@ -325,14 +331,44 @@ def _codes_ok(site) -> bool:
     return getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel") and "g_idx" in info.buffers
 
 
+def _gemv_ok(site) -> bool:
+    """gemv-cpu can read this site: gptqmodel's 4-bit GPTQ packing, groups in order, N a multiple of 16 (and
+    the kernels built here)."""
+    info = site.info
+    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    if (info.bits != 4 or not getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel")
+            or "g_idx" not in info.buffers or group % 8 or info.in_features % group or info.out_features % 16):
+        return False
+    g_idx = dict(zip(info.buffers, site.base_tensors()))["g_idx"]
+    canonical = torch.arange(info.in_features, device=g_idx.device) // group
+    return g_idx.device.type == "cpu" and torch.equal(g_idx.long(), canonical) and kernels.available()
+
+
 def label(lowering: str) -> str:
-    return {"int4pack-cpu": "int4pack-cpu bf16", "int4pack-cuda": "int4pack-cuda bf16"}.get(lowering, lowering)
+    return {"int4pack-cpu": "int4pack-cpu bf16", "int4pack-cuda": "int4pack-cuda bf16",
+            "gemv-cpu": "gemv-cpu (library layout, no copy)"}.get(lowering, lowering)
 
 
 # ---- lowered functions ---------------------------------------------------------------------------------
 
 
+def _gemv(sites, x, bases) -> list:
+    """The base outputs of `sites` (siblings reading `x`) from gemv-cpu on their own buffers: one call for
+    siblings with the same group size (their output columns concatenated), else one call per site."""
+    groups = {s.info.in_features if s.info.group_size in (-1, 0) else s.info.group_size for s in sites}
+    if len(groups) > 1:
+        return [_gemv([s], x, [b])[0] for s, b in zip(sites, bases)]
+    named = [dict(zip(s.info.buffers, b)) for s, b in zip(sites, bases)]
+    y = kernels.gptq4_gemv(x.reshape(-1, sites[0].info.in_features), [n["qweight"] for n in named],
+                           [n["qzeros"] for n in named], [n["scales"] for n in named], groups.pop())
+    y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    outs = y.split([s.info.out_features for s in sites], -1) if len(sites) > 1 else [y]
+    return [_add_bias(s, o, b) for s, o, b in zip(sites, outs, bases)]
+
+
 def _kernel_base(site, lowering, needs_grad):
+    if lowering == "gemv-cpu":
+        return (lambda h, base, kernel: _gemv([site], h, [base])[0]), None
     packed = packed_for([site], lowering.rsplit("-", 1)[-1])
 
     def base_fn(h, base, kernel):
@@ -401,7 +437,7 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     pols = [s.policy(slot) for s, slot in zip(sites, slots)]
     packed, singles = None, None
     derived = [derived_for(s) if lowering == "torch-dequant" else None for s in sites]
-    if lowering != "torch-dequant":
+    if lowering not in ("torch-dequant", "gemv-cpu"):
         kind = lowering.rsplit("-", 1)[-1]
         packed = packed_for(sites, kind)
         if packed is None:  # e.g. act-order siblings with different permutations: one kernel call per site
@@ -413,7 +449,9 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
 
     def fn(x, xa, bases, adapters, kernel=()):
         kernel = list(kernel)
-        if packed is not None:
+        if lowering == "gemv-cpu":
+            ys = _gemv(sites, x, bases)
+        elif packed is not None:
             y_all = _int4_matmul(packed, x, needs_grad, kernel)
             ys = [_add_bias(s, y, b) for s, y, b in zip(sites, y_all.split(packed.splits, -1), bases)]
         elif singles is not None:
@@ -447,4 +485,4 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     fn.qpass_constants = (packed.tensors() if packed is not None else
                           [t for p in singles or [] for t in p.tensors()] +
                           [t for d in derived if d is not None for t in d.tensors()])
-    return fn, packed is not None or singles is not None
+    return fn, packed is not None or singles is not None or lowering == "gemv-cpu"

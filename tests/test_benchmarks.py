@@ -28,8 +28,8 @@ def test_quick_harness_writes_json_and_plot(tmp_path):
         assert res["qpass"][wl]["median_ms"] > 0 and res["qpass"][wl]["graph_breaks"] == 0
         assert res["peft_eager"][wl]["n"] == 1
     assert "train" not in res["qpass_base"]  # adapters disabled: nothing to train
-    assert any(b.startswith("int4pack-cpu bf16") for b in res["qpass"]["base_lowering"])  # decode
+    assert any(b.startswith("gemv-cpu") for b in res["qpass"]["base_lowering"])  # decode, on the library layout
     assert any("torch-dequant" in b for b in res["qpass"]["base_lowering"])  # prefill, training
-    assert res["qpass"]["repacked_bytes"] > 0
+    assert res["qpass"]["repacked_bytes"] == 0  # no copy of the weights
     assert {t["target"] for t in data["targets"]} >= {"train step vs PEFT eager", "prefill vs PEFT eager TorchLinear"}
     assert data["profile_decode"] and data["recompiles"]["graphs_first_decode"] >= 1

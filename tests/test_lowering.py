@@ -27,6 +27,8 @@ MODELS = {
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_decode_uses_the_int4_kernel_and_matches_eager(kind):
+    """GPTQ with groups in order: qpass's gemv on the library's own packing (no copy); AWQ and act-order GPTQ:
+    aten's int4 kernel on a repacked copy."""
     model = qpass.prepare(MODELS[kind](), qpass.LoraConfig(**CFG))
     randomize_adapters(model)
     compiled = torch.compile(model, backend=qpass.backend("aot_eager"))
@@ -36,10 +38,12 @@ def test_decode_uses_the_int4_kernel_and_matches_eager(kind):
         out = compiled(ids).logits.float()
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.bfloat16])
     bases = _bases(compiled)
-    assert all(b.startswith("int4pack-cpu bf16") for b in bases), bases
+    kernel = "gemv-cpu (library layout, no copy)" if kind == "gptq-sym" else "int4pack-cpu bf16"
+    assert all(b.startswith(kernel) for b in bases), bases
     assert sum("fused q_proj+k_proj+v_proj" in b for b in bases) == 6
     assert sum("fused gate_proj+up_proj" in b for b in bases) == 4
-    assert lowering.repacked_bytes(list(model._qpass.sites.values())) > 0
+    repacked = lowering.repacked_bytes(list(model._qpass.sites.values()))
+    assert (repacked == 0) if kind == "gptq-sym" else (repacked > 0)
 
 
 def test_prefill_training_and_fp32_stay_on_torch_dequant():
@@ -47,9 +51,14 @@ def test_prefill_training_and_fp32_stay_on_torch_dequant():
     model = qpass.prepare(make_model(torch.bfloat16), qpass.LoraConfig(**CFG))
     site = next(iter(model._qpass.sites.values()))
     assert lowering.choose(site, site_x, needs_grad=False) == "torch-dequant"  # 40 tokens: prefill
-    assert lowering.choose(site, site_x[:, :1], needs_grad=False) == "int4pack-cpu"
+    assert lowering.choose(site, site_x[:, :1], needs_grad=False) == "gemv-cpu"
     assert lowering.choose(site, site_x[:, :1], needs_grad=True) == "torch-dequant"  # training: differentiable
-    assert lowering.choose(site, site_x[:, :1].float(), needs_grad=False) == "torch-dequant"  # fp32 kernel is slow
+    assert lowering.choose(site, site_x[:, :1].float(), needs_grad=False) == "gemv-cpu"  # any activation dtype
+    assert lowering.choose(site, site_x[:, :1], needs_grad=False, requested="int4pack-cpu") == "int4pack-cpu"
+    act_order = qpass.prepare(make_model(torch.bfloat16, sym=False, desc_act=True), qpass.LoraConfig(**CFG))
+    site = next(iter(act_order._qpass.sites.values()))
+    assert lowering.choose(site, site_x[:, :1], needs_grad=False) == "int4pack-cpu"  # groups out of order
+    assert lowering.choose(site, site_x[:, :1].float(), needs_grad=False) == "torch-dequant"  # fp32 int4 kernel is slow
 
 
 def test_fused_siblings_equal_unfused_fp32():
@@ -130,8 +139,9 @@ def _mm_counting_backend(counts: list):
 @pytest.mark.parametrize("seq,adapter_mms", [(1, 0), (3, 8 + 14)])
 def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(seq, adapter_mms):
     """One token, no gradient: every LoRA site (fused q/k/v, gate/up, and the single o/down) takes the
-    multiply + sum form, so the forward graph's GEMMs are the 14 fp32 base matmuls and lm_head; with 3
-    tokens the adapters are GEMMs again (8 down-projections: 2 fused + 2 single per layer; 14 up).
+    multiply + sum form and the 14 fp32 bases run qpass's gemv kernel, so the forward graph's one GEMM is
+    lm_head; with 3 tokens the adapters are GEMMs again (8 down-projections: 2 fused + 2 single per layer;
+    14 up).
     fp32 logits equal eager qpass (the library kernel + F.linear) at fp32 tolerance either way."""
     model = qpass.prepare(make_model(), qpass.LoraConfig(**CFG))
     randomize_adapters(model)
@@ -143,4 +153,5 @@ def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(seq, ad
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
     bases = _bases(model)
     assert sum("fused" in b for b in bases) == 10 and len(bases) == 14, bases
-    assert counts == [14 + 1 + adapter_mms], counts
+    assert all(b.startswith("gemv-cpu") for b in bases), bases
+    assert counts == [1 + adapter_mms], counts

@@ -1,0 +1,88 @@
+"""qpass's own CPU kernels, built on this machine the first time a graph wants one.
+
+`gptq4_gemv(x, qweights, qzeros, scales, group)`: a decode-step matmul (a few rows) that reads 4-bit GPTQ
+weights in gptqmodel's own packing, for every activation dtype (x is passed as float32; the result is
+float32). The int4 kernel aten ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its
+own layout — a second copy of every weight — and bf16 activations; this kernel needs neither, and on the
+benchmark machine runs within 0-25% of aten's kernel per layer at one row (benchmarks --kernels).
+
+Built with `torch.utils.cpp_extension.load` (C++17, -O3, -march=native; about 30 s once per machine, then
+loaded from torch's extension cache; the extension's name carries a digest of the source and of this
+CPU's flags, so a shared cache never hands one CPU's build to another). If the build fails (no compiler),
+`available()` is False, the reason is kept in `unavailable_reason()` and the lowerings use aten's kernel.
+Set QPASS_CPP_KERNELS=0 to never build or use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_SOURCE = Path(__file__).with_name("gptq_gemv.cpp")
+_LOCK = threading.Lock()
+_STATE: dict = {}  # "ok": bool, "reason": str
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    source = _SOURCE.read_text()
+    digest = hashlib.sha1((source + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+    cpp_extension.load(
+        name=f"qpass_kernels_{digest}", sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        is_python_module=False, verbose=False)
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them on the first call)."""
+    if os.environ.get("QPASS_CPP_KERNELS", "1") == "0":
+        return False
+    with _LOCK:
+        if "ok" not in _STATE:
+            try:
+                _build()
+                _STATE["ok"], _STATE["reason"] = True, ""
+            except Exception as exc:  # no compiler, no ninja, a read-only cache...: fall back, say why once
+                _STATE["ok"], _STATE["reason"] = False, f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"qpass: the CPU decode kernel could not be built ({_STATE['reason'][:300]}); "
+                              "decode steps use aten's int4 kernel on a repacked copy of the weights instead",
+                              stacklevel=2)
+        return _STATE["ok"]
+
+
+def unavailable_reason() -> Optional[str]:
+    if os.environ.get("QPASS_CPP_KERNELS", "1") == "0":
+        return "disabled by QPASS_CPP_KERNELS=0"
+    return _STATE.get("reason") or None
+
+
+_LIB = torch.library.Library("qpass_kernels", "DEF")
+_LIB.define("gptq4_gemv(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group) -> Tensor")
+
+
+@torch.library.register_fake("qpass_kernels::gptq4_gemv", lib=_LIB)
+def _(x, qweight, qzeros, scales, group):
+    return x.new_empty((x.shape[0], sum(q.shape[1] for q in qweight)))
+
+
+def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
+    """(M, sum N_i) float32 = x (M, K) @ [W_1 | W_2 | ...], W_i the 4-bit GPTQ weights of site i."""
+    return torch.ops.qpass_kernels.gptq4_gemv(x.float().contiguous(), qweight, qzeros, scales, group)
