@@ -339,9 +339,12 @@ def _gemv_ok(site) -> bool:
     if (info.bits != 4 or not getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel")
             or "g_idx" not in info.buffers or group % 8 or info.in_features % group or info.out_features % 16):
         return False
-    g_idx = dict(zip(info.buffers, site.base_tensors()))["g_idx"]
+    named = dict(zip(info.buffers, site.base_tensors()))
+    g_idx = named["g_idx"]
+    if g_idx.device.type != "cpu" or named["scales"].dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
     canonical = torch.arange(info.in_features, device=g_idx.device) // group
-    return g_idx.device.type == "cpu" and torch.equal(g_idx.long(), canonical) and kernels.available()
+    return torch.equal(g_idx.long(), canonical) and kernels.available()
 
 
 def label(lowering: str) -> str:
