@@ -60,7 +60,7 @@ def _codes_scales_zeros(site, base: list):
         z = unpack_stream(named["qzeros"], 4, dim=1, count=info.out_features)
         q, z = awq_interleave(q), awq_interleave(z)  # as layouts.awq_dequantize (4-bit AWQ order)
         return q, named["scales"], z, None
-    if getattr(matcher, "__name__", "").endswith("quant.gptqmodel") and "g_idx" in named:
+    if _gptq_packing(info):
         q = unpack_stream(named["qweight"], 4, dim=0, count=info.in_features)
         z = unpack_stream(named["qzeros"], 4, dim=1, count=info.out_features)
         g = named["g_idx"].long()
@@ -328,6 +328,11 @@ def _codes_ok(site) -> bool:
     if info.matcher is layouts.int4pack_cpu:  # held in the kernel's own layout: usable as is with bf16 scales
         sz = getattr(site.module, "scales_and_zeros", None)
         return sz is not None and sz.dtype == torch.bfloat16
+    return _gptq_packing(info)
+
+
+def _gptq_packing(info) -> bool:
+    """The site holds gptqmodel's GPTQ packing (qweight/qzeros/scales/g_idx), not a repacked layout."""
     return getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel") and "g_idx" in info.buffers
 
 
@@ -335,9 +340,8 @@ def _gemv_ok(site) -> bool:
     """gemv-cpu can read this site: gptqmodel's 4-bit GPTQ packing, groups in order, N a multiple of 16 (and
     the kernels built here)."""
     info = site.info
-    group = info.in_features if info.group_size in (-1, 0) else info.group_size
-    if (info.bits != 4 or not getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel")
-            or "g_idx" not in info.buffers or group % 8 or info.in_features % group or info.out_features % 16):
+    group = info.group
+    if info.bits != 4 or not _gptq_packing(info) or group % 8 or info.in_features % group or info.out_features % 16:
         return False
     named = dict(zip(info.buffers, site.base_tensors()))
     g_idx = named["g_idx"]
@@ -358,7 +362,7 @@ def label(lowering: str) -> str:
 def _gemv(sites, x, bases) -> list:
     """The base outputs of `sites` (siblings reading `x`) from gemv-cpu on their own buffers: one call for
     siblings with the same group size (their output columns concatenated), else one call per site."""
-    groups = {s.info.in_features if s.info.group_size in (-1, 0) else s.info.group_size for s in sites}
+    groups = {s.info.group for s in sites}
     if len(groups) > 1:
         return [_gemv([s], x, [b])[0] for s, b in zip(sites, bases)]
     named = [dict(zip(s.info.buffers, b)) for s, b in zip(sites, bases)]

@@ -34,6 +34,11 @@ class QuantInfo:
     # for layers whose own forward cannot run here (no CPU kernel, no backward) or repacks its buffers in place.
     eager_base: str = "library"
 
+    @property
+    def group(self) -> int:
+        """Input rows per quantization group (group_size -1/0 means one group over all of them)."""
+        return self.in_features if self.group_size in (-1, 0) else self.group_size
+
 
 @dataclass(frozen=True)
 class Unsupported:

@@ -56,7 +56,7 @@ def awq_dequantize(info, qweight, qzeros, scales) -> torch.Tensor:
     z = unpack_stream(qzeros, info.bits, dim=1, count=n)
     if info.bits == 4:
         q, z = awq_interleave(q), awq_interleave(z)
-    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    group = info.group
     g = torch.arange(info.in_features, device=qweight.device) // group
     return (q - z[g]).to(scales.dtype) * scales[g]
 
@@ -74,7 +74,7 @@ def awq_slot_scales(scales: torch.Tensor) -> torch.Tensor:
 
 def slot_major(info, groups: int) -> bool:
     """4-bit AWQ with whole groups: the slot-major form of `_awq_forward` applies."""
-    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    group = info.group
     return info.bits == 4 and info.out_features % 8 == 0 and groups * group == info.in_features
 
 
@@ -114,7 +114,7 @@ def int4pack_dequantize(info, qweight, scales_and_zeros) -> torch.Tensor:
     codes = unpack_int4pack_cpu_kn(qweight, info.out_features, info.in_features, int4pack_block_n())
     scale = scales_and_zeros[..., 0].float()
     zero = scales_and_zeros[..., 1].float()
-    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    group = info.group
     g = torch.arange(info.in_features, device=qweight.device) // group
     return (codes - 8).float() * scale[g] + zero[g]
 
@@ -133,7 +133,7 @@ def int4pack_resident_dequantize(info, qweight, scales, zero_codes) -> torch.Ten
     Written as one broadcast over (groups, group rows, N blocks, 2 nibbles, block_n/2), the byte layout of
     int4pack, so that every load is contiguous along the innermost dimension and inductor vectorizes it."""
     k, n = info.in_features, info.out_features
-    group = k if info.group_size in (-1, 0) else info.group_size
+    group = info.group
     block_n = int4pack_block_n()
     half = block_n // 2
     if n % block_n:  # a tail block: the general unpack
@@ -179,7 +179,7 @@ def unpack_hf_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def hf_int4_dequantize(info, qweight, qzeros, scales) -> torch.Tensor:
     """(in_features, out_features) float32 in the kernel's (possibly permuted) input order."""
     codes = unpack_hf_int4(qweight, info.out_features, info.in_features)
-    group = info.in_features if info.group_size in (-1, 0) else info.group_size
+    group = info.group
     g = torch.arange(info.in_features, device=qweight.device) // group
     return (codes.t().float() - qzeros[g].float()) * scales[g].float()
 
