@@ -450,7 +450,8 @@ def recompile_check(w, cfg):
 def kernel_table(sizes, group):
     """Per weight shape of the model: the int4 CPU kernel vs bf16 / fp32 GEMM on an already dense weight
     (the lower bound of dequant + matmul) vs qpass's compiled torch-dequant of one gptqmodel layer, at 1 and 128 tokens;
-    at 1 token also qpass's gemv kernel on the layer's own packing (the decode lowering, no copy)."""
+    at 1 token also qpass's gemv kernel on the layer's own packing (the decode lowering, no copy), at 128
+    tokens qpass's C++ unpack + GEMM (the prefill / training lowering, no copy)."""
     import qpass
     from qpass import kernels
     from qpass.toy import gptq_linear_from
@@ -492,6 +493,8 @@ def kernel_table(sizes, group):
                     "qpass_torch_dequant_bf16_ms": best(lambda: cq(x)),
                     "qpass_gemv_cpu_bf16_ms": best(lambda: kernels.gptq4_gemv(x[0], [q.qweight], [q.qzeros], [q.scales], group).to(DTYPE))
                     if m == 1 and kernels.available() else None,
+                    "qpass_dequant_cpu_bf16_ms": best(lambda: kernels.gptq4_mm(x[0], [q.qweight], [q.qzeros], [q.scales], group))
+                    if m > 1 and kernels.available() else None,
                 })
     return rows
 

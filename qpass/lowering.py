@@ -7,6 +7,7 @@ Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
 |-----------------|------------------------------------------------------------------|------------------------------|
 | torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | training (dx through the base), prefill (> DECODE_MAX_TOKENS tokens), fp32/fp16 decode of AWQ / act-order layers on CPU, layouts the kernels cannot take |
 | gemv-cpu        | `qpass_kernels::gptq4_gemv` (qpass/kernels): reads gptqmodel's own 4-bit GPTQ packing, no copy; float32 math, any activation dtype; siblings in one call | CPU, 4-bit GPTQ with groups in order (no act-order), out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
+| dequant-cpu     | `qpass_kernels::gptq4_mm`: gptqmodel's 4-bit GPTQ packing unpacked by vector C++ straight into the activation dtype, in cache-sized column chunks, each multiplied by the GEMM library at once; no copy kept; siblings in one call; its backward (dx) unpacks again instead of saving the weight | CPU, 4-bit GPTQ with groups in order, out_features % 16 == 0, prefill (> DECODE_MAX_TOKENS tokens) or training, kernels built |
 | int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed; where gemv-cpu does not apply (AWQ, act-order GPTQ) |
 | int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
 
@@ -39,7 +40,8 @@ from . import kernels, policy
 from .quant import layouts
 from .quant.packing import awq_interleave, int4pack_block_n, unpack_int4pack_cpu_kn, unpack_stream
 
-LOWERINGS = ("auto", "torch-dequant", "gemv-cpu", "int4pack-cpu", "int4pack-cuda")
+LOWERINGS = ("auto", "torch-dequant", "gemv-cpu", "dequant-cpu", "int4pack-cpu", "int4pack-cuda")
+CPP_LOWERINGS = ("gemv-cpu", "dequant-cpu")  # qpass's own kernels (qpass/kernels), on the library's buffers
 DECODE_MAX_TOKENS = 16
 _GROUPS = (32, 64, 128, 256)
 
@@ -286,18 +288,23 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     if requested == "torch-dequant" or x is None:
         return "torch-dequant"
     kind = x.device.type
-    if requested == "gemv-cpu":
-        return requested if kind == "cpu" and _gemv_ok(site) else "torch-dequant"
+    if requested in CPP_LOWERINGS:
+        layout = _cpp_layout(site) if kind == "cpu" else None
+        ok = layout == "gptq4" or (layout == "int4pack" and requested == "dequant-cpu")
+        return requested if ok else "torch-dequant"
     if requested != "auto":
         want = requested.rsplit("-", 1)[-1]
         return requested if want == kind and _codes_ok(site) else "torch-dequant"
     tokens = _tokens(x)
     decode = tokens is not None and tokens <= DECODE_MAX_TOKENS and not needs_grad
-    if kind == "cpu" and decode and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _gemv_ok(site):
-        return "gemv-cpu"
-    # Weights held in the CPU kernel's layout (base_layout="int4pack", TorchAtenLinear) take the kernel at every
-    # token count: at 128 tokens it matches dequant + GEMM of the GPTQ layout (benchmarks --kernels), while
-    # dequantizing this layout costs 1.5-3x more than GPTQ's.
+    layout = _cpp_layout(site) if kind == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+    if layout == "gptq4":
+        return "gemv-cpu" if decode else "dequant-cpu"
+    if layout == "int4pack" and not decode:
+        return "dequant-cpu"
+    # Weights held in the CPU kernel's layout without qpass's kernels (TorchAtenLinear; base_layout="int4pack"
+    # when the C++ kernels cannot be built) take the kernel at every token count: at 128 tokens it matches
+    # inductor's dequant + GEMM, and inductor's dequantize of this layout costs 1.5-3x more than of GPTQ's.
     held = kind == "cpu" and _holds_kernel_layout(site)
     if (kind in ("cpu", "cuda") and x.dtype == torch.bfloat16 and not needs_grad
             and (held or (tokens is not None and tokens <= DECODE_MAX_TOKENS)) and _codes_ok(site)):
@@ -336,16 +343,29 @@ def _gptq_packing(info) -> bool:
     return getattr(info.matcher, "__name__", "").endswith("quant.gptqmodel") and "g_idx" in info.buffers
 
 
-def _gemv_ok(site) -> bool:
-    """gemv-cpu can read this site: gptqmodel's 4-bit GPTQ packing, groups in order, N a multiple of 16 (and
-    the kernels built here)."""
+def _cpp_layout(site) -> Optional[str]:
+    """Which layout of qpass's C++ kernels the site holds, if any (and the kernels are built here):
+    "gptq4" — gptqmodel's 4-bit GPTQ packing, groups in order, N a multiple of 16 (gemv-cpu, dequant-cpu);
+    "int4pack" — qpass.resident's int4pack layout (dequant-cpu)."""
+    info = site.info
+    if info.matcher is layouts.int4pack_resident:
+        named = dict(zip(info.buffers, site.base_tensors()))
+        ok = named["qweight"].device.type == "cpu" and named["scales"].dtype in _CPP_SCALES
+        return "int4pack" if ok and kernels.available() else None
+    return "gptq4" if _gptq4_ok(site) else None
+
+
+_CPP_SCALES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _gptq4_ok(site) -> bool:
     info = site.info
     group = info.group
     if info.bits != 4 or not _gptq_packing(info) or group % 8 or info.in_features % group or info.out_features % 16:
         return False
     named = dict(zip(info.buffers, site.base_tensors()))
     g_idx = named["g_idx"]
-    if g_idx.device.type != "cpu" or named["scales"].dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if g_idx.device.type != "cpu" or named["scales"].dtype not in _CPP_SCALES:
         return False
     canonical = torch.arange(info.in_features, device=g_idx.device) // group
     return torch.equal(g_idx.long(), canonical) and kernels.available()
@@ -353,29 +373,42 @@ def _gemv_ok(site) -> bool:
 
 def label(lowering: str) -> str:
     return {"int4pack-cpu": "int4pack-cpu bf16", "int4pack-cuda": "int4pack-cuda bf16",
-            "gemv-cpu": "gemv-cpu (library layout, no copy)"}.get(lowering, lowering)
+            "gemv-cpu": "gemv-cpu (library layout, no copy)",
+            "dequant-cpu": "dequant-cpu (C++ unpack + GEMM on the held weights, no copy)"}.get(lowering, lowering)
 
 
 # ---- lowered functions ---------------------------------------------------------------------------------
 
 
-def _gemv(sites, x, bases) -> list:
-    """The base outputs of `sites` (siblings reading `x`) from gemv-cpu on their own buffers: one call for
-    siblings with the same group size (their output columns concatenated), else one call per site."""
-    groups = {s.info.group for s in sites}
-    if len(groups) > 1:
-        return [_gemv([s], x, [b])[0] for s, b in zip(sites, bases)]
+def _cpp(sites, x, bases, lowering) -> list:
+    """The base outputs of `sites` (siblings reading `x`) from qpass's C++ kernel `lowering` (gemv-cpu or
+    dequant-cpu) on their own buffers: one call for siblings with the same group size (their output columns
+    concatenated), else one call per site (also for act-order sites in the int4pack layout: each has its own
+    input permutation)."""
     named = [dict(zip(s.info.buffers, b)) for s, b in zip(sites, bases)]
-    y = kernels.gptq4_gemv(x.reshape(-1, sites[0].info.in_features), [n["qweight"] for n in named],
-                           [n["qzeros"] for n in named], [n["scales"] for n in named], groups.pop())
+    groups = {s.info.group for s in sites}
+    if len(sites) > 1 and (len(groups) > 1 or any("ret_idx" in n for n in named)):
+        return [_cpp([s], x, [b], lowering)[0] for s, b in zip(sites, bases)]
+    h = x.reshape(-1, sites[0].info.in_features)
+    if lowering == "gemv-cpu":
+        y = kernels.gptq4_gemv(h, [n["qweight"] for n in named], [n["qzeros"] for n in named],
+                               [n["scales"] for n in named], groups.pop())
+    elif sites[0].info.matcher is layouts.int4pack_resident:
+        if "ret_idx" in named[0]:  # act-order: the codes' rows are in the permuted input order
+            h = h.index_select(-1, named[0]["ret_idx"].long())
+        y = kernels.int4pack_mm(h, [n["qweight"] for n in named], [n["scales"] for n in named],
+                                [n["qpass_zero_codes"] for n in named], groups.pop(), int4pack_block_n())
+    else:
+        y = kernels.gptq4_mm(h, [n["qweight"] for n in named], [n["qzeros"] for n in named],
+                             [n["scales"] for n in named], groups.pop())
     y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
     outs = y.split([s.info.out_features for s in sites], -1) if len(sites) > 1 else [y]
     return [_add_bias(s, o, b) for s, o, b in zip(sites, outs, bases)]
 
 
 def _kernel_base(site, lowering, needs_grad):
-    if lowering == "gemv-cpu":
-        return (lambda h, base, kernel: _gemv([site], h, [base])[0]), None
+    if lowering in CPP_LOWERINGS:
+        return (lambda h, base, kernel: _cpp([site], h, [base], lowering)[0]), None
     packed = packed_for([site], lowering.rsplit("-", 1)[-1])
 
     def base_fn(h, base, kernel):
@@ -444,7 +477,7 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     pols = [s.policy(slot) for s, slot in zip(sites, slots)]
     packed, singles = None, None
     derived = [derived_for(s) if lowering == "torch-dequant" else None for s in sites]
-    if lowering not in ("torch-dequant", "gemv-cpu"):
+    if lowering not in ("torch-dequant",) + CPP_LOWERINGS:
         kind = lowering.rsplit("-", 1)[-1]
         packed = packed_for(sites, kind)
         if packed is None:  # e.g. act-order siblings with different permutations: one kernel call per site
@@ -456,8 +489,8 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
 
     def fn(x, xa, bases, adapters, kernel=()):
         kernel = list(kernel)
-        if lowering == "gemv-cpu":
-            ys = _gemv(sites, x, bases)
+        if lowering in CPP_LOWERINGS:
+            ys = _cpp(sites, x, bases, lowering)
         elif packed is not None:
             y_all = _int4_matmul(packed, x, needs_grad, kernel)
             ys = [_add_bias(s, y, b) for s, y, b in zip(sites, y_all.split(packed.splits, -1), bases)]
@@ -492,4 +525,4 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     fn.qpass_constants = (packed.tensors() if packed is not None else
                           [t for p in singles or [] for t in p.tensors()] +
                           [t for d in derived if d is not None for t in d.tensors()])
-    return fn, packed is not None or singles is not None or lowering == "gemv-cpu"
+    return fn, packed is not None or singles is not None or lowering in CPP_LOWERINGS

@@ -29,7 +29,7 @@ def test_quick_harness_writes_json_and_plot(tmp_path):
         assert res["peft_eager"][wl]["n"] == 1
     assert "train" not in res["qpass_base"]  # adapters disabled: nothing to train
     assert any(b.startswith("gemv-cpu") for b in res["qpass"]["base_lowering"])  # decode, on the library layout
-    assert any("torch-dequant" in b for b in res["qpass"]["base_lowering"])  # prefill, training
+    assert any("dequant-cpu" in b for b in res["qpass"]["base_lowering"])  # prefill, training: C++ unpack + GEMM
     assert res["qpass"]["repacked_bytes"] == 0  # no copy of the weights
     assert {t["target"] for t in data["targets"]} >= {"train step vs PEFT eager", "prefill vs PEFT eager TorchLinear"}
     assert data["profile_decode"] and data["recompiles"]["graphs_first_decode"] >= 1

@@ -1,16 +1,24 @@
-"""qpass's CPU decode kernel (qpass/kernels: gptq4_gemv) on real gptqmodel layers: it equals the library's own
-dequantized weight times x, for every row-blocking path (1 row, 4-row blocks and their tails; 128-, 64- and
-16-column blocks), group sizes, scale dtypes and sibling sites concatenated in one call; a compiled decode
-step of a tiny Llama through it equals eager qpass in fp32, fp16 and bf16 without keeping any copy."""
+"""qpass's CPU kernels (qpass/kernels) on real gptqmodel layers.
+
+gptq4_gemv (decode): equals the library's own dequantized weight times x, for every row-blocking path (1 row,
+4-row blocks and their tails; 128-, 64- and 16-column blocks), group sizes, scale dtypes and sibling sites
+concatenated in one call; a compiled decode step of a tiny Llama through it equals eager qpass in fp32,
+fp16 and bf16 without keeping any copy.
+
+gptq4_dequant / gptq4_mm (prefill, training): the unpacked weight equals gptqmodel's dequantize cast to the
+activation dtype bit for bit (every scales x output dtype); the GEMM equals x @ that weight across column
+chunk boundaries; its dx equals autograd's through the plain-torch base; compiled prefill and training of a
+tiny Llama through it equal eager qpass (logits, adapter gradients)."""
 
 import pytest
 import torch
 
 import qpass
 from qpass import kernels, lowering
-from qpass.quant import match
+from qpass.quant import layouts, match
+from qpass.quant.packing import int4pack_block_n
 from qpass.quant.gptqmodel import dequantize
-from qpass.toy import gptq_linear_from
+from qpass.toy import gptq_linear_from, tiny_awq_llama
 
 from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
 
@@ -83,3 +91,129 @@ def test_compiled_decode_through_the_kernel_keeps_no_copy(dtype, targets):
     bases = [r.base for r in qpass.report(compiled).rows if r.base]
     assert len(bases) == 14 and all(b.startswith("gemv-cpu (library layout, no copy)") for b in bases), bases
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
+
+
+# ---- gptq4_dequant / gptq4_mm: the prefill and training base ------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n,group", [(256, 224, 32), (384, 64, 128), (256, 32, 256)])
+def test_dequant_is_the_library_weight_bit_for_bit(scale_dtype, out_dtype, k, n, group):
+    """s * (q - z) rounded to the scales' dtype (gptqmodel's multiply), then to the activation dtype."""
+    q = _layer(k, n, group, seed=n)
+    info = match(q)
+    scales = q.scales.to(scale_dtype)
+    ref = dequantize(info, q.qweight, q.qzeros, scales, q.g_idx).to(out_dtype)
+    out = kernels.gptq4_dequant([q.qweight], [q.qzeros], [scales], group, out_dtype)
+    assert out.dtype == out_dtype and out.shape == (k, n)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ns", [(96,), (384, 320, 64)])  # one chunk; 768 columns over two 512-column chunks
+def test_gemm_equals_x_times_the_unpacked_weight(dtype, ns):
+    layers = [_layer(128, n, 32, seed=n) for n in ns]
+    args = ([q.qweight for q in layers], [q.qzeros for q in layers], [q.scales for q in layers], 32)
+    weights = [dequantize(match(q), q.qweight, q.qzeros, q.scales, q.g_idx).to(dtype) for q in layers]
+    torch.testing.assert_close(kernels.gptq4_dequant(*args, dtype), torch.cat(weights, 1), rtol=0, atol=0)
+    x = torch.randn(37, 128, dtype=dtype)
+    out = kernels.gptq4_mm(x, *args)
+    assert out.dtype == dtype and out.shape == (37, sum(ns))
+    # the same GEMM library on the same operands; chunking changes only which columns a call computes
+    ref = torch.cat([x @ w for w in weights], 1)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_gemm_backward_equals_autograd_through_the_weight():
+    layers = [_layer(128, n, 32, seed=n) for n in (64, 32)]
+    args = ([q.qweight for q in layers], [q.qzeros for q in layers], [q.scales for q in layers], 32)
+    w = kernels.gptq4_dequant(*args, torch.float32)
+    x = torch.randn(5, 128, requires_grad=True)
+    grad = torch.randn(5, 96)
+    (dx,) = torch.autograd.grad(kernels.gptq4_mm(x, *args), x, grad)
+    (ref,) = torch.autograd.grad(x @ w, x, grad)
+    torch.testing.assert_close(dx, ref, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_mm, (torch.randn(3, 128, requires_grad=True), *args))
+    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_dequant, (*args, torch.bfloat16))
+
+
+def test_dequant_bad_input_names_the_site():
+    q = _layer(128, 64, 32, seed=0)
+    with pytest.raises(RuntimeError, match="gptq4_mm: site 1 is not 4-bit GPTQ packing"):
+        kernels.gptq4_mm(torch.randn(2, 128), [q.qweight, q.qweight[:, :8]], [q.qzeros, q.qzeros], [q.scales, q.scales], 32)
+    with pytest.raises(RuntimeError, match="dtype Int is not float32, bfloat16 or float16"):
+        kernels.gptq4_dequant([q.qweight], [q.qzeros], [q.scales], 32, torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_prefill_and_training_through_the_gemm(dtype):
+    """Prefill (no gradient) and a training step: every base on dequant-cpu, logits and adapter gradients equal
+    eager qpass (the library's kernel + the spec's math)."""
+    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model)
+    compiled = torch.compile(model, backend=qpass.backend("inductor"))
+    ids = input_ids(batch=2, seq=24)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        out = compiled(ids).logits.float()
+    torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
+    bases = [r.base for r in qpass.report(compiled).rows if r.base]
+    assert len(bases) == 14 and all(b.startswith("dequant-cpu") for b in bases), bases
+    params = [p for p in model.parameters() if p.requires_grad]
+    model(ids).logits.float().square().mean().backward()
+    ref_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=qpass.backend("inductor"))
+    compiled(ids).logits.float().square().mean().backward()
+    bases = [r.base for r in qpass.report(compiled).rows if r.base]
+    assert all(b.startswith("dequant-cpu") for b in bases), bases
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for p, g in zip(params, ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol * g.abs().max().item())
+    assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
+
+
+# ---- int4pack_dequant / int4pack_mm: the same for weights held in the int4pack layout (base_layout="int4pack")
+
+
+def _resident_sites(kind):
+    """Sites converted to the int4pack layout: GPTQ with a tail block (160 = 2 x 64 + 32 columns, and 32-column
+    k/v), act-order GPTQ (permuted rows), AWQ."""
+    build = {"gptq-tail": lambda: make_model(torch.bfloat16, intermediate_size=160),
+             "gptq-act-order": lambda: make_model(torch.bfloat16, sym=False, desc_act=True),
+             "awq": lambda: tiny_awq_llama(dtype=torch.bfloat16)}[kind]
+    model = qpass.prepare(build().to(torch.bfloat16), qpass.LoraConfig(r=4, target_modules="all-linear"),
+                          base_layout="int4pack")
+    return model, list(model._qpass.sites.values())
+
+
+@pytest.mark.parametrize("kind", ["gptq-tail", "gptq-act-order", "awq"])
+def test_int4pack_dequant_is_the_layout_weight_bit_for_bit(kind):
+    _, sites = _resident_sites(kind)
+    block_n = int4pack_block_n()
+    for site in sites:
+        info = site.info
+        named = dict(zip(info.buffers, site.base_tensors()))
+        lists = [named["qweight"]], [named["scales"]], [named["qpass_zero_codes"]]
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            ref = layouts.int4pack_resident_dequantize(info, named["qweight"], named["scales"], named["qpass_zero_codes"])
+            out = kernels.int4pack_dequant(*lists, info.group, block_n, dtype)
+            torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0, msg=f"{site.path} {dtype}")
+
+
+def test_int4pack_gemm_and_its_backward():
+    _, sites = _resident_sites("gptq-tail")
+    gate, up = [s for s in sites if s.path.startswith("model.layers.0.mlp.") and not s.path.endswith("down_proj")]
+    block_n = int4pack_block_n()
+    lists = [[dict(zip(s.info.buffers, s.base_tensors()))[name] for s in (gate, up)]
+             for name in ("qweight", "scales", "qpass_zero_codes")]
+    w = kernels.int4pack_dequant(*lists, gate.info.group, block_n, torch.float32)
+    x = torch.randn(7, gate.info.in_features, requires_grad=True)
+    y = kernels.int4pack_mm(x, *lists, gate.info.group, block_n)
+    torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], grad @ w.t(), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.qpass_kernels.int4pack_mm, (x.detach().requires_grad_(), *lists, gate.info.group, block_n))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qpass
-from qpass import lowering
+from qpass import kernels, lowering
 from qpass.toy import tiny_awq_llama
 
 from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
@@ -46,14 +46,18 @@ def test_decode_uses_the_int4_kernel_and_matches_eager(kind):
     assert (repacked == 0) if kind == "gptq-sym" else (repacked > 0)
 
 
-def test_prefill_training_and_fp32_stay_on_torch_dequant():
+def test_lowering_per_workload_layout_and_dtype():
     site_x = torch.empty(1, 40, 64, dtype=torch.bfloat16)
     model = qpass.prepare(make_model(torch.bfloat16), qpass.LoraConfig(**CFG))
     site = next(iter(model._qpass.sites.values()))
-    assert lowering.choose(site, site_x, needs_grad=False) == "torch-dequant"  # 40 tokens: prefill
-    assert lowering.choose(site, site_x[:, :1], needs_grad=False) == "gemv-cpu"
-    assert lowering.choose(site, site_x[:, :1], needs_grad=True) == "torch-dequant"  # training: differentiable
-    assert lowering.choose(site, site_x[:, :1].float(), needs_grad=False) == "gemv-cpu"  # any activation dtype
+    cpp = kernels.available()
+    assert lowering.choose(site, site_x, needs_grad=False) == ("dequant-cpu" if cpp else "torch-dequant")  # prefill
+    assert lowering.choose(site, site_x.float(), needs_grad=False) == ("dequant-cpu" if cpp else "torch-dequant")
+    assert lowering.choose(site, site_x[:, :1], needs_grad=False) == ("gemv-cpu" if cpp else "int4pack-cpu")
+    # training: a differentiable base (the C++ GEMM has a backward)
+    assert lowering.choose(site, site_x[:, :1], needs_grad=True) == ("dequant-cpu" if cpp else "torch-dequant")
+    assert lowering.choose(site, site_x, needs_grad=False, requested="torch-dequant") == "torch-dequant"
+    assert lowering.choose(site, site_x[:, :1].float(), needs_grad=False) == ("gemv-cpu" if cpp else "torch-dequant")
     assert lowering.choose(site, site_x[:, :1], needs_grad=False, requested="int4pack-cpu") == "int4pack-cpu"
     act_order = qpass.prepare(make_model(torch.bfloat16, sym=False, desc_act=True), qpass.LoraConfig(**CFG))
     site = next(iter(act_order._qpass.sites.values()))

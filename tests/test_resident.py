@@ -74,9 +74,14 @@ def test_int4pack_layout_trains_with_the_library_layouts_gradients(kind):
         torch.compile(m, backend=qpass.backend("aot_eager"))(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    # Same weights bit for bit (tests/test_kernels.py). GPTQ: the same bf16 GEMMs, gradients equal (observed 0).
+    # AWQ: the library layout's plain-torch base multiplies with the weight's columns in slot-major order
+    # (layouts._awq_forward), a different GEMM shape and so a different bf16 accumulation order than the
+    # converted layout's GEMM in natural order: bf16 rounding differences, observed 1.2% of the largest entry.
+    atol = 1e-6 if kind.startswith("gptq") else 3e-2
     for name, g in grads[0].items():
         assert g.abs().max() > 0, name
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-3, atol=1e-6 * g.abs().max().item())
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-3, atol=atol * g.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

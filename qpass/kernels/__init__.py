@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-_SOURCE = Path(__file__).with_name("gptq_gemv.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gptq_gemv.cpp", "dequant.cpp")]
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "ok": bool, "reason": str
 
@@ -44,10 +44,10 @@ def _cpu_flags() -> str:
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    source = _SOURCE.read_text()
+    source = "".join(p.read_text() for p in _SOURCES)
     digest = hashlib.sha1((source + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
     cpp_extension.load(
-        name=f"qpass_kernels_{digest}", sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        name=f"qpass_kernels_{digest}", sources=[str(p) for p in _SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
         is_python_module=False, verbose=False)
 
 
@@ -86,3 +86,73 @@ def _(x, qweight, qzeros, scales, group):
 def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
     """(M, sum N_i) float32 = x (M, K) @ [W_1 | W_2 | ...], W_i the 4-bit GPTQ weights of site i."""
     return torch.ops.qpass_kernels.gptq4_gemv(x.float().contiguous(), qweight, qzeros, scales, group)
+
+
+
+# ---- the prefill / training GEMMs (dequant.cpp): x @ W with W unpacked in cache-sized column chunks ---------
+
+_LIB.define("gptq4_dequant(Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, ScalarType dtype) -> Tensor")
+_LIB.define("gptq4_mm(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group) -> Tensor")
+_LIB.define("int4pack_dequant(Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n, "
+            "ScalarType dtype) -> Tensor")
+_LIB.define("int4pack_mm(Tensor x, Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n) -> Tensor")
+
+
+@torch.library.register_fake("qpass_kernels::gptq4_dequant", lib=_LIB)
+def _(qweight, qzeros, scales, group, dtype):
+    return qweight[0].new_empty((qweight[0].shape[0] * 8, sum(s.shape[1] for s in scales)), dtype=dtype)
+
+
+@torch.library.register_fake("qpass_kernels::int4pack_dequant", lib=_LIB)
+def _(qweight, scales, zero_codes, group, block_n, dtype):
+    return qweight[0].new_empty((scales[0].shape[0] * group, sum(s.shape[1] for s in scales)), dtype=dtype)
+
+
+torch.library.register_fake("qpass_kernels::gptq4_mm", lambda x, qw, qz, sc, group: x.new_empty(
+    (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
+torch.library.register_fake("qpass_kernels::int4pack_mm", lambda x, qw, sc, zc, group, block_n: x.new_empty(
+    (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
+
+
+def _register_backward(mm: str, dequant: str) -> None:
+    """dx = dy @ W^T for `mm(x, list, list, list, *ints)`, W unpacked again by `dequant(list, list, list, *ints,
+    dtype)` instead of saved: training holds the 4-bit weights only."""
+
+    def setup(ctx, inputs, output):
+        x, a, b, c, *ints = inputs
+        ctx.sites, ctx.ints = len(a), ints
+        ctx.save_for_backward(*a, *b, *c)
+
+    def backward(ctx, grad):
+        saved, n = list(ctx.saved_tensors), ctx.sites
+        lists = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        w = getattr(torch.ops.qpass_kernels, dequant)(*lists, *ctx.ints, grad.dtype)
+        none = [None] * n
+        return (grad @ w.t(), none, none, none) + (None,) * len(ctx.ints)
+
+    torch.library.register_autograd(f"qpass_kernels::{mm}", backward, setup_context=setup, lib=_LIB)
+
+
+_register_backward("gptq4_mm", "gptq4_dequant")
+_register_backward("int4pack_mm", "int4pack_dequant")
+
+
+def gptq4_dequant(qweight: list, qzeros: list, scales: list, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """(K, sum N_i) in `dtype`: [W_1 | W_2 | ...], W_i = s * (q - z) of site i rounded as gptqmodel does."""
+    return torch.ops.qpass_kernels.gptq4_dequant(qweight, qzeros, scales, group, dtype)
+
+
+def gptq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
+    """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (4-bit GPTQ packing); differentiable in x."""
+    return torch.ops.qpass_kernels.gptq4_mm(x, qweight, qzeros, scales, group)
+
+
+def int4pack_dequant(qweight: list, scales: list, zero_codes: list, group: int, block_n: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """(K, sum N_i) in `dtype` from int4pack codes (qpass.resident's layout): s * (q - z), in the codes' row order."""
+    return torch.ops.qpass_kernels.int4pack_dequant(qweight, scales, zero_codes, group, block_n, dtype)
+
+
+def int4pack_mm(x: torch.Tensor, qweight: list, scales: list, zero_codes: list, group: int, block_n: int) -> torch.Tensor:
+    """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (int4pack layout; x in the codes' row order)."""
+    return torch.ops.qpass_kernels.int4pack_mm(x, qweight, scales, zero_codes, group, block_n)

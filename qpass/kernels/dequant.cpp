@@ -1,0 +1,395 @@
+// The prefill / training base of 4-bit weights on CPU: the weights are unpacked by vector code straight
+// into the activation dtype, then multiplied by the GEMM library (oneDNN / MKL through at::mm). Inductor's
+// code for the same unpack converts int32 to bf16 element by element (about 2 ms per 1024x3072 layer on the
+// benchmark machine, next to a 2.5 ms bf16 GEMM); this one writes 16 weights per instruction sequence.
+//
+// Two layouts, each an op pair `<layout>_dequant` (the weight) and `<layout>_mm` (x @ weight):
+//
+//   gptq4:    gptqmodel's GPTQ packing. qweight (K/8, N) int32, q[k, n] = (qweight[k / 8, n] >> 4 * (k % 8)) & 15;
+//             qzeros (G, N/8) int32, z[g, n] = (qzeros[g, n / 8] >> 4 * (n % 8)) & 15; scales (G, N).
+//   int4pack: aten's CPU int4pack layout as qpass.resident holds it. qweight (N, K/2) uint8: full blocks of
+//             `block_n` columns store, k-major, column d and d + block_n/2 of the block in the low / high
+//             nibble of one byte ((N/block_n, K, block_n/2) bytes); a tail block (N % block_n columns)
+//             stores columns 2d and 2d+1 together. zero codes (G, N) uint8; scales (G, N).
+//
+//   W[k, n] = round_out(round_s(s[k / G, n] * (q[k, n] - z[k / G, n])))
+//
+// (q - z) is a small integer and s has at most 24 significant bits, so the product is exact in float32; it
+// is rounded to the scales' dtype (the libraries multiply in that dtype) and then to the output dtype,
+// round-to-nearest-even both times: the weight the library's dequantize gives, cast to the activation
+// dtype as PEFT's layers do.
+//
+// `_mm` computes x @ W one column chunk at a time: each chunk of W is unpacked into a buffer that stays in
+// cache and multiplied at once, so the unpacked weight never travels through memory in full. Sibling sites
+// (q/k/v) are passed together; their outputs are concatenated.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Kind { F32 = 0, BF16 = 1, F16 = 2 };
+
+Kind kind_of(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return F32;
+    case at::kBFloat16: return BF16;
+    case at::kHalf: return F16;
+    default: TORCH_CHECK(false, "qpass dequant kernels: ", what, " dtype ", t, " is not float32, bfloat16 or float16");
+  }
+  return F32;
+}
+
+template <int S>
+inline float scale_at(const void* p, int64_t i) {
+  if constexpr (S == F16) return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+  else if constexpr (S == BF16) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+  else return static_cast<const float*>(p)[i];
+}
+
+// Round a float32 to dtype K and back (an exact product -> the value the library's multiply gives).
+template <int K>
+inline float round_to(float v) {
+  if constexpr (K == F16) return static_cast<float>(c10::Half(v));
+  else if constexpr (K == BF16) return static_cast<float>(c10::BFloat16(v));
+  else return v;
+}
+
+template <int O>
+inline void store1(void* out, int64_t i, float v) {
+  if constexpr (O == F16) static_cast<c10::Half*>(out)[i] = c10::Half(v);
+  else if constexpr (O == BF16) static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v);
+  else static_cast<float*>(out)[i] = v;
+}
+
+template <int S, int O>
+inline void put1(void* out, int64_t i, float scale, int32_t code, int32_t zero) {
+  store1<O>(out, i, round_to<S>(scale * static_cast<float>(code - zero)));
+}
+
+#if defined(__AVX512F__)
+// float32 -> bfloat16 bits, round to nearest even (finite inputs).
+inline __m256i bf16_bits(__m512 v) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  __m512i b = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+#endif
+}
+
+template <int K>
+inline __m512 round_to(__m512 v) {
+  if constexpr (K == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  else if constexpr (K == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+  else return v;
+}
+
+template <int O>
+inline void store16(void* out, int64_t i, __m512 v) {
+  if constexpr (O == F16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<c10::Half*>(out) + i),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  else if constexpr (O == BF16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<c10::BFloat16*>(out) + i), bf16_bits(v));
+  else _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+}
+
+// 16 weights: codes q (int32) minus zeros z, times scales s, rounded, stored at out[i].
+template <int S, int O>
+inline void put16(void* out, int64_t i, __m512 s, __m512i q, __m512i z) {
+  store16<O>(out, i, round_to<S>(_mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)))));
+}
+#endif
+
+struct Site {
+  const void* q;   // packed codes
+  const void* z;   // zero points (packed int32 for gptq4, uint8 codes for int4pack)
+  const void* s;   // scales
+  int64_t n;       // out features
+  int64_t col;     // first column in the concatenated output
+};
+
+struct Shape {
+  int64_t K, G, block_n;
+};
+
+// Columns [n0, n1) of one site (all K rows) into out, whose column 0 is the site's column `origin`.
+using UnpackFn = void (*)(const Site&, const Shape&, int64_t n0, int64_t n1, void* out, int64_t ldo, int64_t origin);
+
+// ---- gptq4 -------------------------------------------------------------------------------------------------
+
+template <int S, int O>
+void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* out, int64_t ldo, int64_t origin) {
+  const int32_t* qw = static_cast<const int32_t*>(s.q);
+  const int32_t* qz = static_cast<const int32_t*>(s.z);
+  const int64_t gw = sh.G / 8;  // words per group
+  for (int64_t n = n0; n < n1; n += 16) {
+    for (int64_t g = 0; g < sh.K / sh.G; g++) {
+      int32_t zt[16];
+      float st[16];
+      const int32_t* zw = qz + g * (s.n / 8) + n / 8;
+      for (int c = 0; c < 16; c++) {
+        zt[c] = (zw[c / 8] >> (4 * (c % 8))) & 15;
+        st[c] = scale_at<S>(s.s, g * s.n + n + c);
+      }
+#if defined(__AVX512F__)
+      const __m512i zv = _mm512_loadu_si512(zt);
+      const __m512 sv = _mm512_loadu_ps(st);
+      const __m512i mask = _mm512_set1_epi32(15);
+      for (int64_t w = g * gw; w < (g + 1) * gw; w++) {
+        const __m512i r = _mm512_loadu_si512(qw + w * s.n + n);
+        for (int j = 0; j < 8; j++)
+          put16<S, O>(out, (w * 8 + j) * ldo + n - origin, sv, _mm512_and_si512(_mm512_srli_epi32(r, 4 * j), mask), zv);
+      }
+#else
+      for (int64_t w = g * gw; w < (g + 1) * gw; w++)
+        for (int j = 0; j < 8; j++)
+          for (int c = 0; c < 16; c++)
+            put1<S, O>(out, (w * 8 + j) * ldo + n - origin + c, st[c], (qw[w * s.n + n + c] >> (4 * j)) & 15, zt[c]);
+#endif
+    }
+  }
+}
+
+// ---- int4pack ----------------------------------------------------------------------------------------------
+
+template <int S, int O>
+void int4pack_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* out, int64_t ldo, int64_t origin) {
+  const uint8_t* bytes = static_cast<const uint8_t*>(s.q);
+  const uint8_t* zc = static_cast<const uint8_t*>(s.z);
+  const int64_t K = sh.K, G = sh.G, bn = sh.block_n, half = bn / 2;
+  const int64_t full = s.n - s.n % bn;
+  for (int64_t b0 = n0; b0 < n1; b0 += bn) {
+    if (b0 >= full) {  // the tail block: columns 2d, 2d+1 in one byte
+      const uint8_t* tail = bytes + full * K / 2;
+      const int64_t width = (s.n - full) / 2;
+      for (int64_t k = 0; k < K; k++) {
+        const int64_t g = k / G;
+        for (int64_t d = 0; d < width; d++) {
+          const uint8_t byte = tail[k * width + d];
+          for (int h = 0; h < 2; h++) {
+            const int64_t n = full + 2 * d + h;
+            put1<S, O>(out, k * ldo + n - origin, scale_at<S>(s.s, g * s.n + n), (byte >> (4 * h)) & 15, zc[g * s.n + n]);
+          }
+        }
+      }
+      continue;
+    }
+    const uint8_t* block = bytes + (b0 / bn) * K * half;
+#if defined(__AVX512F__)
+    if (bn == 64) {
+      for (int64_t g = 0; g < K / G; g++) {
+        __m512i zv[4];
+        __m512 sv[4];
+        for (int v = 0; v < 4; v++) {
+          zv[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zc + g * s.n + b0 + 16 * v)));
+          float st[16];
+          for (int c = 0; c < 16; c++) st[c] = scale_at<S>(s.s, g * s.n + b0 + 16 * v + c);
+          sv[v] = _mm512_loadu_ps(st);
+        }
+        const __m512i mask = _mm512_set1_epi32(15);
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+          const uint8_t* row = block + k * half;
+          const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+          const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
+          const int64_t at = k * ldo + b0 - origin;
+          put16<S, O>(out, at, sv[0], _mm512_and_si512(lo, mask), zv[0]);       // columns 0..15
+          put16<S, O>(out, at + 16, sv[1], _mm512_and_si512(hi, mask), zv[1]);  // 16..31
+          put16<S, O>(out, at + 32, sv[2], _mm512_srli_epi32(lo, 4), zv[2]);    // 32..47
+          put16<S, O>(out, at + 48, sv[3], _mm512_srli_epi32(hi, 4), zv[3]);    // 48..63
+        }
+      }
+      continue;
+    }
+#endif
+    for (int64_t k = 0; k < K; k++) {
+      const int64_t g = k / G;
+      for (int64_t d = 0; d < half; d++) {
+        const uint8_t byte = block[k * half + d];
+        for (int h = 0; h < 2; h++) {
+          const int64_t n = b0 + h * half + d;
+          put1<S, O>(out, k * ldo + n - origin, scale_at<S>(s.s, g * s.n + n), (byte >> (4 * h)) & 15, zc[g * s.n + n]);
+        }
+      }
+    }
+  }
+}
+
+// ---- dispatch, checks, the two entry points per layout --------------------------------------------------------
+
+template <int S, int O>
+struct Gptq4 { static constexpr UnpackFn fn = gptq4_unpack<S, O>; };
+template <int S, int O>
+struct Int4pack { static constexpr UnpackFn fn = int4pack_unpack<S, O>; };
+
+template <template <int, int> class F, int S>
+UnpackFn pick_out(Kind o) {
+  switch (o) {
+    case F16: return F<S, F16>::fn;
+    case BF16: return F<S, BF16>::fn;
+    default: return F<S, F32>::fn;
+  }
+}
+
+template <template <int, int> class F>
+UnpackFn pick(Kind s, Kind o) {
+  switch (s) {
+    case F16: return pick_out<F, F16>(o);
+    case BF16: return pick_out<F, BF16>(o);
+    default: return pick_out<F, F32>(o);
+  }
+}
+
+struct Sites {
+  std::vector<Site> list;
+  std::vector<UnpackFn> fns;
+  Shape shape;
+  int64_t total = 0;
+  int64_t step = 16;  // column granularity of the layout (a chunk or work item starts at a multiple of it)
+};
+
+Sites gptq4_sites(const char* op, int64_t K, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
+                  int64_t group, at::ScalarType out) {
+  TORCH_CHECK(!qweight.empty() && qweight.size() == qzeros.size() && qweight.size() == scales.size(), "qpass ", op,
+              ": one qweight, qzeros and scales per site");
+  TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "qpass ", op, ": group ", group,
+              " must be a multiple of 8 dividing in_features ", K);
+  Sites r;
+  r.shape = {K, group, 0};
+  const Kind o = kind_of(out, "output");
+  for (size_t i = 0; i < qweight.size(); i++) {
+    const auto& qw = qweight[i];
+    const auto& qz = qzeros[i];
+    const auto& sc = scales[i];
+    const int64_t n = qw.size(1);
+    TORCH_CHECK(qw.device().is_cpu() && qw.dim() == 2 && qw.scalar_type() == at::kInt && qz.scalar_type() == at::kInt &&
+                    qw.is_contiguous() && qz.is_contiguous() && sc.is_contiguous() && qw.size(0) * 8 == K &&
+                    n % 16 == 0 && qz.size(0) == K / group && qz.size(1) * 8 == n && sc.size(0) == K / group &&
+                    sc.size(1) == n,
+                "qpass ", op, ": site ", i, " is not 4-bit GPTQ packing (int32 qweight (K/8, N), qzeros (G, N/8), "
+                "scales (G, N), N a multiple of 16) for K=", K, ", group ", group);
+    r.list.push_back({qw.data_ptr(), qz.data_ptr(), sc.data_ptr(), n, r.total});
+    r.fns.push_back(pick<Gptq4>(kind_of(sc.scalar_type(), "scales"), o));
+    r.total += n;
+  }
+  return r;
+}
+
+Sites int4pack_sites(const char* op, int64_t K, at::TensorList qweight, at::TensorList scales,
+                     at::TensorList zero_codes, int64_t group, int64_t block_n, at::ScalarType out) {
+  TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size() && qweight.size() == zero_codes.size(), "qpass ",
+              op, ": one qweight, scales and zero codes per site");
+  TORCH_CHECK(group > 0 && K % group == 0 && (block_n == 32 || block_n == 64), "qpass ", op, ": group ", group,
+              " must divide in_features ", K, " and block_n (", block_n, ") be 32 or 64");
+  Sites r;
+  r.shape = {K, group, block_n};
+  r.step = block_n;
+  const Kind o = kind_of(out, "output");
+  for (size_t i = 0; i < qweight.size(); i++) {
+    const auto& qw = qweight[i];
+    const auto& sc = scales[i];
+    const auto& zc = zero_codes[i];
+    const int64_t n = sc.dim() == 2 ? sc.size(1) : 0;
+    TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && zc.scalar_type() == at::kByte &&
+                    qw.is_contiguous() && zc.is_contiguous() && sc.is_contiguous() && qw.numel() * 2 == n * K &&
+                    n % 2 == 0 && sc.size(0) == K / group && zc.dim() == 2 && zc.size(0) == K / group &&
+                    zc.size(1) == n,
+                "qpass ", op, ": site ", i, " is not the int4pack layout (uint8 codes (N, K/2), scales (G, N), uint8 "
+                "zero codes (G, N)) for K=", K, ", group ", group);
+    r.list.push_back({qw.data_ptr(), zc.data_ptr(), sc.data_ptr(), n, r.total});
+    r.fns.push_back(pick<Int4pack>(kind_of(sc.scalar_type(), "scales"), o));
+    r.total += n;
+  }
+  return r;
+}
+
+// Unpack columns [a, b) of site i into out (K x (b - a), leading dimension ldo), in parallel over column blocks.
+void unpack(const Sites& s, size_t i, int64_t a, int64_t b, void* out, int64_t ldo) {
+  const int64_t item = std::max<int64_t>(64, s.step);
+  const int64_t items = (b - a + item - 1) / item;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; it++) {
+      const int64_t n0 = a + it * item, n1 = std::min(b, n0 + item);
+      s.fns[i](s.list[i], s.shape, n0, n1, out, ldo, a);
+    }
+  });
+}
+
+at::Tensor dequant(const Sites& s, at::ScalarType dtype, const at::TensorOptions& options) {
+  at::Tensor w = at::empty({s.shape.K, s.total}, options.dtype(dtype));
+  const int64_t esize = w.element_size();
+  for (size_t i = 0; i < s.list.size(); i++)
+    unpack(s, i, 0, s.list[i].n, static_cast<char*>(w.data_ptr()) + s.list[i].col * esize, s.total);
+  return w;
+}
+
+// Columns of W per chunk: 1024 x 512 bf16 is 1 MiB, within one core's L2 here.
+constexpr int64_t kChunk = 512;
+
+at::Tensor chunked_mm(const at::Tensor& x, const Sites& s) {
+  const at::Tensor xc = x.contiguous();
+  if (s.list.size() == 1 && s.total <= kChunk) return at::mm(xc, dequant(s, x.scalar_type(), x.options()));
+  at::Tensor y = at::empty({x.size(0), s.total}, x.options());
+  at::Tensor buf = at::empty({s.shape.K, kChunk}, x.options());
+  for (size_t i = 0; i < s.list.size(); i++) {
+    const Site& site = s.list[i];
+    for (int64_t a = 0; a < site.n; a += kChunk) {
+      const int64_t b = std::min(site.n, a + kChunk);
+      const at::Tensor w = b - a == kChunk ? buf : at::empty({s.shape.K, b - a}, x.options());
+      unpack(s, i, a, b, w.data_ptr(), b - a);
+      y.narrow(1, site.col + a, b - a).copy_(at::mm(xc, w));
+    }
+  }
+  return y;
+}
+
+at::Tensor gptq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
+                         at::ScalarType dtype) {
+  TORCH_CHECK(!qweight.empty(), "qpass gptq4_dequant: no sites");
+  return dequant(gptq4_sites("gptq4_dequant", qweight[0].size(0) * 8, qweight, qzeros, scales, group, dtype), dtype,
+                 qweight[0].options());
+}
+
+at::Tensor gptq4_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
+                    int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass gptq4_mm: x must be a 2-D CPU tensor");
+  return chunked_mm(x, gptq4_sites("gptq4_mm", x.size(1), qweight, qzeros, scales, group, x.scalar_type()));
+}
+
+at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes, int64_t group,
+                            int64_t block_n, at::ScalarType dtype) {
+  TORCH_CHECK(!qweight.empty() && scales[0].dim() == 2, "qpass int4pack_dequant: no sites");
+  const int64_t K = scales[0].size(0) * group;
+  return dequant(int4pack_sites("int4pack_dequant", K, qweight, scales, zero_codes, group, block_n, dtype), dtype,
+                 qweight[0].options());
+}
+
+at::Tensor int4pack_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes,
+                       int64_t group, int64_t block_n) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass int4pack_mm: x must be a 2-D CPU tensor");
+  return chunked_mm(x, int4pack_sites("int4pack_mm", x.size(1), qweight, scales, zero_codes, group, block_n,
+                                      x.scalar_type()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
+  m.impl("gptq4_dequant", TORCH_FN(gptq4_dequant));
+  m.impl("gptq4_mm", TORCH_FN(gptq4_mm));
+  m.impl("int4pack_dequant", TORCH_FN(int4pack_dequant));
+  m.impl("int4pack_mm", TORCH_FN(int4pack_mm));
+}
