@@ -5,9 +5,9 @@ Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
 
 | name            | computes                                                         | where it is chosen by "auto" |
 |-----------------|------------------------------------------------------------------|------------------------------|
-| torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | training (dx through the base), prefill (> DECODE_MAX_TOKENS tokens), fp32/fp16 decode of AWQ / act-order layers on CPU, layouts the kernels cannot take |
+| torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | layouts qpass's C++ kernels cannot take (act-order GPTQ in the library layout, other bit widths, CUDA training/prefill), or where the kernels could not be built |
 | gemv-cpu        | `qpass_kernels::gptq4_gemv` (qpass/kernels): reads gptqmodel's own 4-bit GPTQ packing, no copy; float32 math, any activation dtype; siblings in one call | CPU, 4-bit GPTQ with groups in order (no act-order), out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
-| dequant-cpu     | `qpass_kernels::gptq4_mm`: gptqmodel's 4-bit GPTQ packing unpacked by vector C++ straight into the activation dtype, in cache-sized column chunks, each multiplied by the GEMM library at once; no copy kept; siblings in one call; its backward (dx) unpacks again instead of saving the weight | CPU, 4-bit GPTQ with groups in order, out_features % 16 == 0, prefill (> DECODE_MAX_TOKENS tokens) or training, kernels built |
+| dequant-cpu     | `qpass_kernels::{gptq4,awq4,int4pack}_mm` (qpass/kernels/dequant.cpp): the 4-bit codes unpacked by vector C++ straight into the activation dtype, in cache-sized column chunks, each multiplied by the GEMM library at once; bit-exact weights, no copy kept; siblings in one call; its backward (dx) unpacks again instead of saving the weight | CPU, prefill (> DECODE_MAX_TOKENS tokens) or training (and fp32/fp16 decode where gemv-cpu does not apply), for 4-bit GPTQ with groups in order, 4-bit AWQ (out_features % 16 == 0), and qpass.resident's int4pack layout; kernels built |
 | int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed; where gemv-cpu does not apply (AWQ, act-order GPTQ) |
 | int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
 
@@ -290,7 +290,7 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     kind = x.device.type
     if requested in CPP_LOWERINGS:
         layout = _cpp_layout(site) if kind == "cpu" else None
-        ok = layout == "gptq4" or (layout == "int4pack" and requested == "dequant-cpu")
+        ok = layout == "gptq4" or (layout is not None and requested == "dequant-cpu")
         return requested if ok else "torch-dequant"
     if requested != "auto":
         want = requested.rsplit("-", 1)[-1]
@@ -300,7 +300,7 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     layout = _cpp_layout(site) if kind == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
     if layout == "gptq4":
         return "gemv-cpu" if decode else "dequant-cpu"
-    if layout == "int4pack" and not decode:
+    if layout is not None and (not decode or x.dtype != torch.bfloat16):  # bf16 decode: aten's int4 kernel below
         return "dequant-cpu"
     # Weights held in the CPU kernel's layout without qpass's kernels (TorchAtenLinear; base_layout="int4pack"
     # when the C++ kernels cannot be built) take the kernel at every token count: at 128 tokens it matches
@@ -346,8 +346,14 @@ def _gptq_packing(info) -> bool:
 def _cpp_layout(site) -> Optional[str]:
     """Which layout of qpass's C++ kernels the site holds, if any (and the kernels are built here):
     "gptq4" — gptqmodel's 4-bit GPTQ packing, groups in order, N a multiple of 16 (gemv-cpu, dequant-cpu);
+    "awq4" — 4-bit AWQ packing, N a multiple of 16 (dequant-cpu);
     "int4pack" — qpass.resident's int4pack layout (dequant-cpu)."""
     info = site.info
+    if info.matcher is layouts.awq:
+        named = dict(zip(info.buffers, site.base_tensors()))
+        ok = (info.bits == 4 and info.out_features % 16 == 0 and info.in_features % info.group == 0
+              and named["qweight"].device.type == "cpu" and named["scales"].dtype in _CPP_SCALES)
+        return "awq4" if ok and kernels.available() else None
     if info.matcher is layouts.int4pack_resident:
         named = dict(zip(info.buffers, site.base_tensors()))
         ok = named["qweight"].device.type == "cpu" and named["scales"].dtype in _CPP_SCALES
@@ -399,8 +405,8 @@ def _cpp(sites, x, bases, lowering) -> list:
         y = kernels.int4pack_mm(h, [n["qweight"] for n in named], [n["scales"] for n in named],
                                 [n["qpass_zero_codes"] for n in named], groups.pop(), int4pack_block_n())
     else:
-        y = kernels.gptq4_mm(h, [n["qweight"] for n in named], [n["qzeros"] for n in named],
-                             [n["scales"] for n in named], groups.pop())
+        op = kernels.awq4_mm if sites[0].info.matcher is layouts.awq else kernels.gptq4_mm
+        y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named], groups.pop())
     y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
     outs = y.split([s.info.out_features for s in sites], -1) if len(sites) > 1 else [y]
     return [_add_bias(s, o, b) for s, o, b in zip(sites, outs, bases)]

@@ -141,7 +141,9 @@ def test_slot_major_base_equals_natural_dequant_and_is_cached_for_the_graph(grou
     assert derived is lowering.derived_for(site)  # cached
     assert torch.equal(derived.tensors()[0], layouts.awq_slot_scales(q.scales))
     assert lowering.repacked_bytes([site]) == derived.nbytes() == q.scales.numel() * 2
-    compiled = torch.compile(model, backend=qpass.backend("inductor"))
+    # the plain-torch base (on CPU "auto" takes qpass's C++ dequant-cpu instead; CUDA and builds without the
+    # kernels take this one)
+    compiled = torch.compile(model, backend=qpass.backend("inductor", lowering="torch-dequant"))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=2e-2)
     assert qpass.report(model).rows[0].base.startswith("torch-dequant")

@@ -18,7 +18,7 @@ from qpass import kernels, lowering
 from qpass.quant import layouts, match
 from qpass.quant.packing import int4pack_block_n
 from qpass.quant.gptqmodel import dequantize
-from qpass.toy import gptq_linear_from, tiny_awq_llama
+from qpass.toy import awq_linear_from, gptq_linear_from, tiny_awq_llama
 
 from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
 
@@ -217,3 +217,81 @@ def test_int4pack_gemm_and_its_backward():
     grad = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], grad @ w.t(), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.qpass_kernels.int4pack_mm, (x.detach().requires_grad_(), *lists, gate.info.group, block_n))
+
+
+# ---- awq4_dequant / awq4_mm: AWQ's GEMM packing (8 columns per word, interleaved) --------------------------
+
+
+def _awq_layer(k, n, group, seed, cls=None):
+    torch.manual_seed(seed)
+    return awq_linear_from(torch.nn.Linear(k, n, bias=False), bits=4, group_size=group, cls=cls)
+
+
+def _awq_classes():
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    return [None, AwqTorchLinear]  # autoawq's WQLinear_GEMM; gptqmodel's AWQ layer (same packing)
+
+
+@pytest.mark.parametrize("cls", _awq_classes(), ids=["autoawq", "gptqmodel"])
+@pytest.mark.parametrize("k,n,group", [(256, 224, 32), (128, 96, 64), (384, 64, 128)])
+def test_awq_dequant_is_the_library_weight_bit_for_bit(cls, k, n, group):
+    q = _awq_layer(k, n, group, seed=n, cls=cls)
+    info = match(q)
+    assert info.matcher is layouts.awq
+    for scale_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        scales = q.scales.to(scale_dtype)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            ref = layouts.awq_dequantize(info, q.qweight, q.qzeros, scales).to(dtype)
+            out = kernels.awq4_dequant([q.qweight], [q.qzeros], [scales], group, dtype)
+            torch.testing.assert_close(out, ref, rtol=0, atol=0, msg=f"{scale_dtype} -> {dtype}")
+    if cls is None:  # ... which is AutoAWQ's own dequantize
+        from awq.utils.packing_utils import dequantize_gemm
+
+        lib = dequantize_gemm(q.qweight, q.qzeros, q.scales, 4, group)
+        torch.testing.assert_close(kernels.awq4_dequant([q.qweight], [q.qzeros], [q.scales], group, q.scales.dtype),
+                                   lib, rtol=0, atol=0)
+
+
+def test_awq_gemm_siblings_and_backward():
+    layers = [_awq_layer(128, n, 32, seed=n) for n in (64, 32, 96)]
+    args = ([q.qweight for q in layers], [q.qzeros for q in layers], [q.scales for q in layers], 32)
+    w = kernels.awq4_dequant(*args, torch.float32)
+    x = torch.randn(9, 128, requires_grad=True)
+    y = kernels.awq4_mm(x, *args)
+    torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], grad @ w.t(), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.qpass_kernels.awq4_mm, (x.detach().requires_grad_(), *args))
+    with pytest.raises(RuntimeError, match="awq4_mm: site 0 is not 4-bit AWQ packing"):
+        kernels.awq4_mm(x.detach(), [layers[0].qweight[:64]], [layers[0].qzeros], [layers[0].scales], 32)
+
+
+@pytest.mark.parametrize("kind", ["awq", "gptq-int4pack"])
+def test_compiled_prefill_and_training_of_other_layouts_through_the_gemm(kind):
+    """AWQ in its own packing and GPTQ held in the int4pack layout: prefill and a training step on dequant-cpu,
+    logits and adapter gradients equal to eager qpass."""
+    cfg = qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    if kind == "awq":
+        dtype = torch.float32
+        model = qpass.prepare(tiny_awq_llama(dtype=dtype), cfg)
+    else:
+        dtype = torch.bfloat16
+        model = qpass.prepare(make_model(dtype).to(dtype), cfg, base_layout="int4pack")
+    randomize_adapters(model)
+    ids = input_ids(batch=2, seq=24)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model(ids).logits.float().square().mean().backward()
+    ref_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    compiled = torch.compile(model, backend=qpass.backend("inductor"))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits.float(), ref, rtol=0, atol=LOGIT_TOL[dtype])
+    compiled(ids).logits.float().square().mean().backward()
+    bases = [r.base for r in qpass.report(compiled).rows if r.base]
+    assert len(bases) == 14 and all("dequant-cpu" in b for b in bases), bases
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for p, g in zip(params, ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol * g.abs().max().item())

@@ -93,6 +93,8 @@ def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group
 
 _LIB.define("gptq4_dequant(Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, ScalarType dtype) -> Tensor")
 _LIB.define("gptq4_mm(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group) -> Tensor")
+_LIB.define("awq4_dequant(Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, ScalarType dtype) -> Tensor")
+_LIB.define("awq4_mm(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group) -> Tensor")
 _LIB.define("int4pack_dequant(Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n, "
             "ScalarType dtype) -> Tensor")
 _LIB.define("int4pack_mm(Tensor x, Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n) -> Tensor")
@@ -103,12 +105,19 @@ def _(qweight, qzeros, scales, group, dtype):
     return qweight[0].new_empty((qweight[0].shape[0] * 8, sum(s.shape[1] for s in scales)), dtype=dtype)
 
 
+@torch.library.register_fake("qpass_kernels::awq4_dequant", lib=_LIB)
+def _(qweight, qzeros, scales, group, dtype):
+    return qweight[0].new_empty((qweight[0].shape[0], sum(s.shape[1] for s in scales)), dtype=dtype)
+
+
 @torch.library.register_fake("qpass_kernels::int4pack_dequant", lib=_LIB)
 def _(qweight, scales, zero_codes, group, block_n, dtype):
     return qweight[0].new_empty((scales[0].shape[0] * group, sum(s.shape[1] for s in scales)), dtype=dtype)
 
 
 torch.library.register_fake("qpass_kernels::gptq4_mm", lambda x, qw, qz, sc, group: x.new_empty(
+    (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
+torch.library.register_fake("qpass_kernels::awq4_mm", lambda x, qw, qz, sc, group: x.new_empty(
     (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
 torch.library.register_fake("qpass_kernels::int4pack_mm", lambda x, qw, sc, zc, group, block_n: x.new_empty(
     (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
@@ -134,6 +143,7 @@ def _register_backward(mm: str, dequant: str) -> None:
 
 
 _register_backward("gptq4_mm", "gptq4_dequant")
+_register_backward("awq4_mm", "awq4_dequant")
 _register_backward("int4pack_mm", "int4pack_dequant")
 
 
@@ -145,6 +155,16 @@ def gptq4_dequant(qweight: list, qzeros: list, scales: list, group: int, dtype: 
 def gptq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
     """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (4-bit GPTQ packing); differentiable in x."""
     return torch.ops.qpass_kernels.gptq4_mm(x, qweight, qzeros, scales, group)
+
+
+def awq4_dequant(qweight: list, qzeros: list, scales: list, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """(K, sum N_i) in `dtype` from 4-bit AWQ packing: s * (q - z) of site i rounded as AutoAWQ does."""
+    return torch.ops.qpass_kernels.awq4_dequant(qweight, qzeros, scales, group, dtype)
+
+
+def awq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
+    """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (4-bit AWQ packing); differentiable in x."""
+    return torch.ops.qpass_kernels.awq4_mm(x, qweight, qzeros, scales, group)
 
 
 def int4pack_dequant(qweight: list, scales: list, zero_codes: list, group: int, block_n: int,

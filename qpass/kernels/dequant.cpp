@@ -7,6 +7,9 @@
 //
 //   gptq4:    gptqmodel's GPTQ packing. qweight (K/8, N) int32, q[k, n] = (qweight[k / 8, n] >> 4 * (k % 8)) & 15;
 //             qzeros (G, N/8) int32, z[g, n] = (qzeros[g, n / 8] >> 4 * (n % 8)) & 15; scales (G, N).
+//   awq4:     AutoAWQ's GEMM packing (autoawq, gptqmodel's AWQ classes, 4-bit). qweight (K, N/8) int32: column
+//             8w + i of row k is nibble R[i] of word w, R = (0, 4, 1, 5, 2, 6, 3, 7); qzeros (G, N/8) the same
+//             way; scales (G, N).
 //   int4pack: aten's CPU int4pack layout as qpass.resident holds it. qweight (N, K/2) uint8: full blocks of
 //             `block_n` columns store, k-major, column d and d + block_n/2 of the block in the low / high
 //             nibble of one byte ((N/block_n, K, block_n/2) bytes); a tail block (N % block_n columns)
@@ -165,6 +168,47 @@ void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* 
   }
 }
 
+// ---- awq4 -------------------------------------------------------------------------------------------------
+
+constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // nibble of column i of a word
+
+#if defined(__AVX512F__)
+// Columns [n, n + 16) of one row of AWQ words: lanes 0-7 read word n/8, lanes 8-15 word n/8 + 1, each
+// shifted to its column's nibble.
+inline __m512i awq_codes16(const int32_t* words) {
+  const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i shifts = _mm512_set_epi32(28, 12, 24, 8, 20, 4, 16, 0, 28, 12, 24, 8, 20, 4, 16, 0);
+  const __m512i two = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words)));
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pick, two), shifts), _mm512_set1_epi32(15));
+}
+#endif
+
+template <int S, int O>
+void awq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* out, int64_t ldo, int64_t origin) {
+  const int32_t* qw = static_cast<const int32_t*>(s.q);
+  const int32_t* qz = static_cast<const int32_t*>(s.z);
+  const int64_t words = s.n / 8;
+  for (int64_t n = n0; n < n1; n += 16) {
+    for (int64_t g = 0; g < sh.K / sh.G; g++) {
+      float st[16];
+      for (int c = 0; c < 16; c++) st[c] = scale_at<S>(s.s, g * s.n + n + c);
+#if defined(__AVX512F__)
+      const __m512i zv = awq_codes16(qz + g * words + n / 8);
+      const __m512 sv = _mm512_loadu_ps(st);
+      for (int64_t k = g * sh.G; k < (g + 1) * sh.G; k++)
+        put16<S, O>(out, k * ldo + n - origin, sv, awq_codes16(qw + k * words + n / 8), zv);
+#else
+      int32_t zt[16];
+      for (int c = 0; c < 16; c++) zt[c] = (qz[g * words + (n + c) / 8] >> (4 * kAwqNibble[c % 8])) & 15;
+      for (int64_t k = g * sh.G; k < (g + 1) * sh.G; k++)
+        for (int c = 0; c < 16; c++)
+          put1<S, O>(out, k * ldo + n - origin + c, st[c], (qw[k * words + (n + c) / 8] >> (4 * kAwqNibble[c % 8])) & 15,
+                     zt[c]);
+#endif
+    }
+  }
+}
+
 // ---- int4pack ----------------------------------------------------------------------------------------------
 
 template <int S, int O>
@@ -234,6 +278,8 @@ void int4pack_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, voi
 template <int S, int O>
 struct Gptq4 { static constexpr UnpackFn fn = gptq4_unpack<S, O>; };
 template <int S, int O>
+struct Awq4 { static constexpr UnpackFn fn = awq4_unpack<S, O>; };
+template <int S, int O>
 struct Int4pack { static constexpr UnpackFn fn = int4pack_unpack<S, O>; };
 
 template <template <int, int> class F, int S>
@@ -262,12 +308,13 @@ struct Sites {
   int64_t step = 16;  // column granularity of the layout (a chunk or work item starts at a multiple of it)
 };
 
-Sites gptq4_sites(const char* op, int64_t K, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
-                  int64_t group, at::ScalarType out) {
+// gptq4 (awq = false) or awq4 (awq = true) sites: int32 codes, int32 zero points packed along N, scales.
+Sites packed_sites(bool awq, const char* op, int64_t K, at::TensorList qweight, at::TensorList qzeros,
+                   at::TensorList scales, int64_t group, at::ScalarType out) {
   TORCH_CHECK(!qweight.empty() && qweight.size() == qzeros.size() && qweight.size() == scales.size(), "qpass ", op,
               ": one qweight, qzeros and scales per site");
-  TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "qpass ", op, ": group ", group,
-              " must be a multiple of 8 dividing in_features ", K);
+  TORCH_CHECK(group > 0 && (awq || group % 8 == 0) && K % group == 0, "qpass ", op, ": group ", group,
+              awq ? " must divide in_features " : " must be a multiple of 8 dividing in_features ", K);
   Sites r;
   r.shape = {K, group, 0};
   const Kind o = kind_of(out, "output");
@@ -275,15 +322,18 @@ Sites gptq4_sites(const char* op, int64_t K, at::TensorList qweight, at::TensorL
     const auto& qw = qweight[i];
     const auto& qz = qzeros[i];
     const auto& sc = scales[i];
-    const int64_t n = qw.size(1);
-    TORCH_CHECK(qw.device().is_cpu() && qw.dim() == 2 && qw.scalar_type() == at::kInt && qz.scalar_type() == at::kInt &&
-                    qw.is_contiguous() && qz.is_contiguous() && sc.is_contiguous() && qw.size(0) * 8 == K &&
-                    n % 16 == 0 && qz.size(0) == K / group && qz.size(1) * 8 == n && sc.size(0) == K / group &&
-                    sc.size(1) == n,
-                "qpass ", op, ": site ", i, " is not 4-bit GPTQ packing (int32 qweight (K/8, N), qzeros (G, N/8), "
-                "scales (G, N), N a multiple of 16) for K=", K, ", group ", group);
+    const int64_t n = sc.dim() == 2 ? sc.size(1) : 0;
+    const bool shape = awq ? qw.dim() == 2 && qw.size(0) == K && qw.size(1) * 8 == n
+                           : qw.dim() == 2 && qw.size(0) * 8 == K && qw.size(1) == n;
+    TORCH_CHECK(qw.device().is_cpu() && shape && qw.scalar_type() == at::kInt && qz.scalar_type() == at::kInt &&
+                    qw.is_contiguous() && qz.is_contiguous() && sc.is_contiguous() && n % 16 == 0 &&
+                    qz.dim() == 2 && qz.size(0) == K / group && qz.size(1) * 8 == n && sc.size(0) == K / group,
+                "qpass ", op, ": site ", i, " is not ",
+                awq ? "4-bit AWQ packing (int32 qweight (K, N/8)" : "4-bit GPTQ packing (int32 qweight (K/8, N)",
+                ", qzeros (G, N/8), scales (G, N), N a multiple of 16) for K=", K, ", group ", group);
     r.list.push_back({qw.data_ptr(), qz.data_ptr(), sc.data_ptr(), n, r.total});
-    r.fns.push_back(pick<Gptq4>(kind_of(sc.scalar_type(), "scales"), o));
+    const Kind sk = kind_of(sc.scalar_type(), "scales");
+    r.fns.push_back(awq ? pick<Awq4>(sk, o) : pick<Gptq4>(sk, o));
     r.total += n;
   }
   return r;
@@ -360,14 +410,27 @@ at::Tensor chunked_mm(const at::Tensor& x, const Sites& s) {
 at::Tensor gptq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
                          at::ScalarType dtype) {
   TORCH_CHECK(!qweight.empty(), "qpass gptq4_dequant: no sites");
-  return dequant(gptq4_sites("gptq4_dequant", qweight[0].size(0) * 8, qweight, qzeros, scales, group, dtype), dtype,
-                 qweight[0].options());
+  return dequant(packed_sites(false, "gptq4_dequant", qweight[0].size(0) * 8, qweight, qzeros, scales, group, dtype),
+                 dtype, qweight[0].options());
 }
 
 at::Tensor gptq4_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
                     int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass gptq4_mm: x must be a 2-D CPU tensor");
-  return chunked_mm(x, gptq4_sites("gptq4_mm", x.size(1), qweight, qzeros, scales, group, x.scalar_type()));
+  return chunked_mm(x, packed_sites(false, "gptq4_mm", x.size(1), qweight, qzeros, scales, group, x.scalar_type()));
+}
+
+at::Tensor awq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
+                        at::ScalarType dtype) {
+  TORCH_CHECK(!qweight.empty(), "qpass awq4_dequant: no sites");
+  return dequant(packed_sites(true, "awq4_dequant", qweight[0].size(0), qweight, qzeros, scales, group, dtype), dtype,
+                 qweight[0].options());
+}
+
+at::Tensor awq4_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
+                   int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass awq4_mm: x must be a 2-D CPU tensor");
+  return chunked_mm(x, packed_sites(true, "awq4_mm", x.size(1), qweight, qzeros, scales, group, x.scalar_type()));
 }
 
 at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes, int64_t group,
@@ -390,6 +453,8 @@ at::Tensor int4pack_mm(const at::Tensor& x, at::TensorList qweight, at::TensorLi
 TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
   m.impl("gptq4_dequant", TORCH_FN(gptq4_dequant));
   m.impl("gptq4_mm", TORCH_FN(gptq4_mm));
+  m.impl("awq4_dequant", TORCH_FN(awq4_dequant));
+  m.impl("awq4_mm", TORCH_FN(awq4_mm));
   m.impl("int4pack_dequant", TORCH_FN(int4pack_dequant));
   m.impl("int4pack_mm", TORCH_FN(int4pack_mm));
 }
