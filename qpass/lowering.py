@@ -386,16 +386,21 @@ def label(lowering: str) -> str:
 # ---- lowered functions ---------------------------------------------------------------------------------
 
 
-def _cpp(sites, x, bases, lowering) -> list:
+def _cpp(sites, x, bases, lowering, extras=None) -> list:
     """The base outputs of `sites` (siblings reading `x`) from qpass's C++ kernel `lowering` (gemv-cpu or
     dequant-cpu) on their own buffers: one call for siblings with the same group size (their output columns
     concatenated), else one call per site (also for act-order sites in the int4pack layout: each has its own
-    input permutation)."""
+    input permutation). `extras` (dequant-cpu): per site (e, w), e (..., r) and w (r, N) in x's dtype, whose
+    product is added inside the base GEMM."""
     named = [dict(zip(s.info.buffers, b)) for s, b in zip(sites, bases)]
     groups = {s.info.group for s in sites}
     if len(sites) > 1 and (len(groups) > 1 or any("ret_idx" in n for n in named)):
-        return [_cpp([s], x, [b], lowering)[0] for s, b in zip(sites, bases)]
+        return [_cpp([s], x, [b], lowering, None if extras is None else [extras[i]])[0]
+                for i, (s, b) in enumerate(zip(sites, bases))]
     h = x.reshape(-1, sites[0].info.in_features)
+    more = ()
+    if extras is not None:
+        more = ([e.reshape(h.shape[0], -1) for e, _ in extras], [w for _, w in extras])
     if lowering == "gemv-cpu":
         y = kernels.gptq4_gemv(h, [n["qweight"] for n in named], [n["qzeros"] for n in named],
                                [n["scales"] for n in named], groups.pop())
@@ -403,10 +408,11 @@ def _cpp(sites, x, bases, lowering) -> list:
         if "ret_idx" in named[0]:  # act-order: the codes' rows are in the permuted input order
             h = h.index_select(-1, named[0]["ret_idx"].long())
         y = kernels.int4pack_mm(h, [n["qweight"] for n in named], [n["scales"] for n in named],
-                                [n["qpass_zero_codes"] for n in named], groups.pop(), int4pack_block_n())
+                                [n["qpass_zero_codes"] for n in named], groups.pop(), int4pack_block_n(), *more)
     else:
         op = kernels.awq4_mm if sites[0].info.matcher is layouts.awq else kernels.gptq4_mm
-        y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named], groups.pop())
+        y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named],
+               groups.pop(), *more)
     y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
     outs = y.split([s.info.out_features for s in sites], -1) if len(sites) > 1 else [y]
     return [_add_bias(s, o, b) for s, o, b in zip(sites, outs, bases)]
@@ -472,6 +478,23 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, reduce: 
 
 REDUCE_MAX_ROWS = 1  # adapter matmuls with at most this many rows (static) use the multiply + sum form
 
+# dequant-cpu graphs that need no gradient (prefill) compute LoRA's up-projection inside the base GEMM: the
+# GEMM's input is [x | t] (t = the down-projection's output) and each unpacked weight chunk gets the scaled
+# B^T's columns as r more rows, so y = x W + t (s B)^T comes out of one float32 accumulation with one
+# rounding, instead of a small GEMM per site (16 x N, poorly used) plus a scale and an add pass over y.
+# The up-projection's operands t and s B are rounded to the activation dtype for it (bf16 here; PEFT keeps
+# them in the adapter's float32): within the bf16 logit tolerance of PEFT (tests/test_kernels.py). Training
+# keeps PEFT's arithmetic (the adapter gradients stay in float32). False: always the separate form.
+FOLD_UP = True
+
+
+def _downs(xa, ps, ranks, reduce):
+    """Each LoRA site's down-projection xa @ A^T: per site in the multiply + sum form (`reduce`, which fuses per
+    site; concatenating would copy every A) or alone, else one GEMM for every sibling."""
+    if reduce or len(ps) == 1:
+        return [adapter_linear(xa, p["lora_A.weight"], reduce=reduce) for p in ps]
+    return adapter_linear(xa, torch.cat([p["lora_A.weight"] for p in ps], 0)).split(ranks, -1)
+
 
 def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = False):
     """Sibling sites with the same input: one down-projection matmul x @ [A_1; A_2; ...]^T for all of them,
@@ -492,9 +515,17 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
                 singles = None
     counts = [len(p.tensors()) for p in singles] if singles else []
     dcounts = [len(d.tensors()) if d is not None else 0 for d in derived]
+    # dequant-cpu without gradients: each site's up-projection rides in its base GEMM (see FOLD_UP)
+    fold = FOLD_UP and lowering == "dequant-cpu" and not needs_grad and not any(
+        "lora_B.bias" in slot.tensor_names for slot in slots)
 
     def fn(x, xa, bases, adapters, kernel=()):
         kernel = list(kernel)
+        ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
+        if fold:
+            downs = _downs(xa, ps, ranks, reduce=False)
+            ups = [(t.to(x.dtype), (p["lora_B.weight"] * p["scaling"]).t().to(x.dtype)) for t, p in zip(downs, ps)]
+            return tuple(_cpp(sites, x, bases, lowering, ups))
         if lowering in CPP_LOWERINGS:
             ys = _cpp(sites, x, bases, lowering)
         elif packed is not None:
@@ -510,13 +541,9 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
             for s, d, n, b in zip(sites, derived, dcounts, bases):
                 ys.append(dequant_base(s, d)(x, list(b), kernel[at : at + n]))
                 at += n
-        ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
         rows = _tokens(xa)
         reduce = not needs_grad and rows is not None and rows <= REDUCE_MAX_ROWS
-        if reduce or len(ps) == 1:  # the multiply + sum form fuses per site; concatenating would copy every A
-            downs = [adapter_linear(xa, p["lora_A.weight"], reduce=reduce) for p in ps]
-        else:  # one GEMM for every sibling's down-projection
-            downs = adapter_linear(xa, torch.cat([p["lora_A.weight"] for p in ps], 0)).split(ranks, -1)
+        downs = _downs(xa, ps, ranks, reduce)
         outs = []
         for y, t, p, pol in zip(ys, downs, ps, pols):
             if y.dtype != x.dtype:

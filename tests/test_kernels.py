@@ -135,8 +135,31 @@ def test_gemm_backward_equals_autograd_through_the_weight():
     (dx,) = torch.autograd.grad(kernels.gptq4_mm(x, *args), x, grad)
     (ref,) = torch.autograd.grad(x @ w, x, grad)
     torch.testing.assert_close(dx, ref, rtol=1e-5, atol=1e-5)
-    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_mm, (torch.randn(3, 128, requires_grad=True), *args))
+    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_mm, (torch.randn(3, 128, requires_grad=True), *args, [], []))
     torch.library.opcheck(torch.ops.qpass_kernels.gptq4_dequant, (*args, torch.bfloat16))
+
+
+def test_gemm_with_a_low_rank_term_in_the_same_accumulation():
+    """extra_in[i] @ extra_w[i] added to site i's columns inside its GEMM (LoRA's up-projection at prefill):
+    equals the separate products' sum; gradients for x and both extras (opcheck checks them against the
+    registered backward too)."""
+    layers = [_layer(128, n, 32, seed=n) for n in (96, 608)]  # 608 columns: two chunks, the second 96 wide
+    args = ([q.qweight for q in layers], [q.qzeros for q in layers], [q.scales for q in layers], 32)
+    w = kernels.gptq4_dequant(*args, torch.float32)
+    x = torch.randn(6, 128, requires_grad=True)
+    ein = [torch.randn(6, r, requires_grad=True) for r in (4, 8)]
+    ew = [torch.randn(r, n, requires_grad=True) for r, n in zip((4, 8), (96, 608))]
+    y = kernels.gptq4_mm(x, *args, ein, ew)
+    ref = x @ w + torch.cat([e @ v for e, v in zip(ein, ew)], 1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *ein, *ew], grad)
+    want = torch.autograd.grad(ref, [x, *ein, *ew], grad)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_mm, (x, *args, ein, ew))
+    with pytest.raises(RuntimeError, match="site 1: extra_in must be"):
+        kernels.gptq4_mm(x.detach(), *args, [e.detach() for e in ein], [ew[0].detach(), ew[0].detach()])
 
 
 def test_dequant_bad_input_names_the_site():
@@ -216,7 +239,7 @@ def test_int4pack_gemm_and_its_backward():
     torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], grad @ w.t(), rtol=1e-5, atol=1e-5)
-    torch.library.opcheck(torch.ops.qpass_kernels.int4pack_mm, (x.detach().requires_grad_(), *lists, gate.info.group, block_n))
+    torch.library.opcheck(torch.ops.qpass_kernels.int4pack_mm, (x.detach().requires_grad_(), *lists, gate.info.group, block_n, [], []))
 
 
 # ---- awq4_dequant / awq4_mm: AWQ's GEMM packing (8 columns per word, interleaved) --------------------------
@@ -262,7 +285,7 @@ def test_awq_gemm_siblings_and_backward():
     torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], grad @ w.t(), rtol=1e-5, atol=1e-5)
-    torch.library.opcheck(torch.ops.qpass_kernels.awq4_mm, (x.detach().requires_grad_(), *args))
+    torch.library.opcheck(torch.ops.qpass_kernels.awq4_mm, (x.detach().requires_grad_(), *args, [], []))
     with pytest.raises(RuntimeError, match="awq4_mm: site 0 is not 4-bit AWQ packing"):
         kernels.awq4_mm(x.detach(), [layers[0].qweight[:64]], [layers[0].qzeros], [layers[0].scales], 32)
 

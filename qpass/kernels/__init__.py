@@ -92,12 +92,15 @@ def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group
 # ---- the prefill / training GEMMs (dequant.cpp): x @ W with W unpacked in cache-sized column chunks ---------
 
 _LIB.define("gptq4_dequant(Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, ScalarType dtype) -> Tensor")
-_LIB.define("gptq4_mm(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group) -> Tensor")
+_LIB.define("gptq4_mm(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor[] extra_in, "
+            "Tensor[] extra_w) -> Tensor")
 _LIB.define("awq4_dequant(Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, ScalarType dtype) -> Tensor")
-_LIB.define("awq4_mm(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group) -> Tensor")
+_LIB.define("awq4_mm(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor[] extra_in, "
+            "Tensor[] extra_w) -> Tensor")
 _LIB.define("int4pack_dequant(Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n, "
             "ScalarType dtype) -> Tensor")
-_LIB.define("int4pack_mm(Tensor x, Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n) -> Tensor")
+_LIB.define("int4pack_mm(Tensor x, Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n, "
+            "Tensor[] extra_in, Tensor[] extra_w) -> Tensor")
 
 
 @torch.library.register_fake("qpass_kernels::gptq4_dequant", lib=_LIB)
@@ -115,29 +118,39 @@ def _(qweight, scales, zero_codes, group, block_n, dtype):
     return qweight[0].new_empty((scales[0].shape[0] * group, sum(s.shape[1] for s in scales)), dtype=dtype)
 
 
-torch.library.register_fake("qpass_kernels::gptq4_mm", lambda x, qw, qz, sc, group: x.new_empty(
-    (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
-torch.library.register_fake("qpass_kernels::awq4_mm", lambda x, qw, qz, sc, group: x.new_empty(
-    (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
-torch.library.register_fake("qpass_kernels::int4pack_mm", lambda x, qw, sc, zc, group, block_n: x.new_empty(
-    (x.shape[0], sum(t.shape[1] for t in sc))), lib=_LIB)
+def _mm_fake(x, qweight, b, c, *rest):
+    # the third list holds one (G, N) tensor per site in every layout (scales; int4pack: zero codes)
+    return x.new_empty((x.shape[0], sum(t.shape[1] for t in c)))
+
+
+for _op in ("gptq4_mm", "awq4_mm", "int4pack_mm"):
+    torch.library.register_fake(f"qpass_kernels::{_op}", _mm_fake, lib=_LIB)
 
 
 def _register_backward(mm: str, dequant: str) -> None:
-    """dx = dy @ W^T for `mm(x, list, list, list, *ints)`, W unpacked again by `dequant(list, list, list, *ints,
-    dtype)` instead of saved: training holds the 4-bit weights only."""
+    """The backward of `mm(x, list, list, list, *ints, extra_in, extra_w)` = x @ W (+ extra_in[i] @ extra_w[i]
+    per site): dx = dy @ W^T with W unpacked again by `dequant(list, list, list, *ints, dtype)` instead of saved
+    (training holds the 4-bit weights only); d extra_in[i] = dy_i @ extra_w[i]^T, d extra_w[i] = extra_in[i]^T @ dy_i."""
 
     def setup(ctx, inputs, output):
-        x, a, b, c, *ints = inputs
-        ctx.sites, ctx.ints = len(a), ints
-        ctx.save_for_backward(*a, *b, *c)
+        x, a, b, c, *rest = inputs
+        ints, ein, ew = rest[:-2], rest[-2], rest[-1]
+        ctx.sites, ctx.ints, ctx.extras = len(a), ints, len(ein)
+        ctx.splits = [t.shape[1] for t in c]
+        ctx.save_for_backward(*a, *b, *c, *ein, *ew)
 
     def backward(ctx, grad):
-        saved, n = list(ctx.saved_tensors), ctx.sites
-        lists = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        w = getattr(torch.ops.qpass_kernels, dequant)(*lists, *ctx.ints, grad.dtype)
+        saved, n, e = list(ctx.saved_tensors), ctx.sites, ctx.extras
+        lists = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
+        ein, ew = saved[3 * n : 3 * n + e], saved[3 * n + e :]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w = getattr(torch.ops.qpass_kernels, dequant)(*lists, *ctx.ints, grad.dtype)
+            dx = grad @ w.t()
+        dys = grad.split(ctx.splits, 1) if e else []
         none = [None] * n
-        return (grad @ w.t(), none, none, none) + (None,) * len(ctx.ints)
+        return ((dx, none, none, none) + (None,) * len(ctx.ints)
+                + ([dy @ w.t() for dy, w in zip(dys, ew)], [t.t() @ dy for dy, t in zip(dys, ein)]))
 
     torch.library.register_autograd(f"qpass_kernels::{mm}", backward, setup_context=setup, lib=_LIB)
 
@@ -152,9 +165,11 @@ def gptq4_dequant(qweight: list, qzeros: list, scales: list, group: int, dtype: 
     return torch.ops.qpass_kernels.gptq4_dequant(qweight, qzeros, scales, group, dtype)
 
 
-def gptq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
-    """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (4-bit GPTQ packing); differentiable in x."""
-    return torch.ops.qpass_kernels.gptq4_mm(x, qweight, qzeros, scales, group)
+def gptq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, extra_in=(), extra_w=()) -> torch.Tensor:
+    """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (4-bit GPTQ packing); with `extra_in`/`extra_w`
+    (one (M, r_i) and one (r_i, N_i) per site, x's dtype) site i's columns also get extra_in[i] @ extra_w[i],
+    in the same GEMM. Differentiable in x and the extras."""
+    return torch.ops.qpass_kernels.gptq4_mm(x, qweight, qzeros, scales, group, list(extra_in), list(extra_w))
 
 
 def awq4_dequant(qweight: list, qzeros: list, scales: list, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -162,9 +177,9 @@ def awq4_dequant(qweight: list, qzeros: list, scales: list, group: int, dtype: t
     return torch.ops.qpass_kernels.awq4_dequant(qweight, qzeros, scales, group, dtype)
 
 
-def awq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
-    """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (4-bit AWQ packing); differentiable in x."""
-    return torch.ops.qpass_kernels.awq4_mm(x, qweight, qzeros, scales, group)
+def awq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, extra_in=(), extra_w=()) -> torch.Tensor:
+    """As `gptq4_mm`, for 4-bit AWQ packing."""
+    return torch.ops.qpass_kernels.awq4_mm(x, qweight, qzeros, scales, group, list(extra_in), list(extra_w))
 
 
 def int4pack_dequant(qweight: list, scales: list, zero_codes: list, group: int, block_n: int,
@@ -173,6 +188,8 @@ def int4pack_dequant(qweight: list, scales: list, zero_codes: list, group: int, 
     return torch.ops.qpass_kernels.int4pack_dequant(qweight, scales, zero_codes, group, block_n, dtype)
 
 
-def int4pack_mm(x: torch.Tensor, qweight: list, scales: list, zero_codes: list, group: int, block_n: int) -> torch.Tensor:
-    """(M, sum N_i) in x's dtype = x (M, K) @ [W_1 | W_2 | ...] (int4pack layout; x in the codes' row order)."""
-    return torch.ops.qpass_kernels.int4pack_mm(x, qweight, scales, zero_codes, group, block_n)
+def int4pack_mm(x: torch.Tensor, qweight: list, scales: list, zero_codes: list, group: int, block_n: int,
+                extra_in=(), extra_w=()) -> torch.Tensor:
+    """As `gptq4_mm`, for the int4pack layout (x in the codes' row order)."""
+    return torch.ops.qpass_kernels.int4pack_mm(x, qweight, scales, zero_codes, group, block_n, list(extra_in),
+                                               list(extra_w))

@@ -27,6 +27,7 @@
 // (q/k/v) are passed together; their outputs are concatenated.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
@@ -112,9 +113,12 @@ inline void store16(void* out, int64_t i, __m512 v) {
 }
 
 // 16 weights: codes q (int32) minus zeros z, times scales s, rounded, stored at out[i].
+// Rounding to the scales' dtype first matters only when the output dtype differs (round(round(v)) = round(v)).
 template <int S, int O>
 inline void put16(void* out, int64_t i, __m512 s, __m512i q, __m512i z) {
-  store16<O>(out, i, round_to<S>(_mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)))));
+  const __m512 v = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)));
+  if constexpr (S == O) store16<O>(out, i, v);
+  else store16<O>(out, i, round_to<S>(v));
 }
 #endif
 
@@ -390,18 +394,40 @@ at::Tensor dequant(const Sites& s, at::ScalarType dtype, const at::TensorOptions
 // Columns of W per chunk: 1024 x 512 bf16 is 1 MiB, within one core's L2 here.
 constexpr int64_t kChunk = 512;
 
-at::Tensor chunked_mm(const at::Tensor& x, const Sites& s) {
+// x @ W, plus for site i (when given) extra_in[i] @ extra_w[i] in the same GEMM: the input is [x | extra_in[i]]
+// and each unpacked chunk gets extra_w[i]'s columns as r_i more rows (K + r_i), so a low-rank term (LoRA's
+// up-projection, scaled) rides along in the base GEMM's float32 accumulation instead of a GEMM of its own.
+at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::TensorList extra_in,
+                      at::TensorList extra_w) {
+  TORCH_CHECK(extra_in.size() == extra_w.size() && (extra_in.empty() || extra_in.size() == s.list.size()), "qpass ",
+              op, ": extra_in and extra_w need one tensor per site (or none)");
   const at::Tensor xc = x.contiguous();
-  if (s.list.size() == 1 && s.total <= kChunk) return at::mm(xc, dequant(s, x.scalar_type(), x.options()));
-  at::Tensor y = at::empty({x.size(0), s.total}, x.options());
-  at::Tensor buf = at::empty({s.shape.K, kChunk}, x.options());
+  const int64_t M = x.size(0), K = s.shape.K;
+  if (extra_in.empty() && s.list.size() == 1 && s.total <= kChunk)
+    return at::mm(xc, dequant(s, x.scalar_type(), x.options()));
+  at::Tensor y = at::empty({M, s.total}, x.options());
   for (size_t i = 0; i < s.list.size(); i++) {
     const Site& site = s.list[i];
+    at::Tensor xi = xc, ew;
+    int64_t r = 0;
+    if (!extra_in.empty()) {
+      ew = extra_w[i];
+      r = extra_in[i].dim() == 2 ? extra_in[i].size(1) : -1;
+      TORCH_CHECK(extra_in[i].dim() == 2 && extra_in[i].size(0) == M && ew.dim() == 2 && ew.size(0) == r &&
+                      ew.size(1) == site.n && extra_in[i].scalar_type() == x.scalar_type() &&
+                      ew.scalar_type() == x.scalar_type(),
+                  "qpass ", op, ": site ", i, ": extra_in must be (M, r) and extra_w (r, N=", site.n, ") in x's dtype ",
+                  x.scalar_type());
+      if (r) xi = at::cat({xc, extra_in[i]}, 1);
+    }
+    at::Tensor buf = at::empty({K + r, std::min(kChunk, site.n)}, x.options());
     for (int64_t a = 0; a < site.n; a += kChunk) {
       const int64_t b = std::min(site.n, a + kChunk);
-      const at::Tensor w = b - a == kChunk ? buf : at::empty({s.shape.K, b - a}, x.options());
+      const at::Tensor w = b - a == buf.size(1) ? buf : at::empty({K + r, b - a}, x.options());
       unpack(s, i, a, b, w.data_ptr(), b - a);
-      y.narrow(1, site.col + a, b - a).copy_(at::mm(xc, w));
+      if (r) w.narrow(0, K, r).copy_(ew.narrow(1, a, b - a));
+      at::Tensor out = y.narrow(1, site.col + a, b - a);  // written in place (row stride = all columns)
+      at::mm_out(out, xi, w);
     }
   }
   return y;
@@ -415,9 +441,10 @@ at::Tensor gptq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::Tens
 }
 
 at::Tensor gptq4_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
-                    int64_t group) {
+                    int64_t group, at::TensorList extra_in, at::TensorList extra_w) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass gptq4_mm: x must be a 2-D CPU tensor");
-  return chunked_mm(x, packed_sites(false, "gptq4_mm", x.size(1), qweight, qzeros, scales, group, x.scalar_type()));
+  return chunked_mm("gptq4_mm", x, packed_sites(false, "gptq4_mm", x.size(1), qweight, qzeros, scales, group,
+                                                x.scalar_type()), extra_in, extra_w);
 }
 
 at::Tensor awq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
@@ -428,9 +455,10 @@ at::Tensor awq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::Tenso
 }
 
 at::Tensor awq4_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
-                   int64_t group) {
+                   int64_t group, at::TensorList extra_in, at::TensorList extra_w) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass awq4_mm: x must be a 2-D CPU tensor");
-  return chunked_mm(x, packed_sites(true, "awq4_mm", x.size(1), qweight, qzeros, scales, group, x.scalar_type()));
+  return chunked_mm("awq4_mm", x, packed_sites(true, "awq4_mm", x.size(1), qweight, qzeros, scales, group,
+                                               x.scalar_type()), extra_in, extra_w);
 }
 
 at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes, int64_t group,
@@ -442,10 +470,10 @@ at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::T
 }
 
 at::Tensor int4pack_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes,
-                       int64_t group, int64_t block_n) {
+                       int64_t group, int64_t block_n, at::TensorList extra_in, at::TensorList extra_w) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass int4pack_mm: x must be a 2-D CPU tensor");
-  return chunked_mm(x, int4pack_sites("int4pack_mm", x.size(1), qweight, scales, zero_codes, group, block_n,
-                                      x.scalar_type()));
+  return chunked_mm("int4pack_mm", x, int4pack_sites("int4pack_mm", x.size(1), qweight, scales, zero_codes, group,
+                                                     block_n, x.scalar_type()), extra_in, extra_w);
 }
 
 }  // namespace
