@@ -524,7 +524,9 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
         if fold:
             downs = _downs(xa, ps, ranks, reduce=False)
-            ups = [(t.to(x.dtype), (p["lora_B.weight"] * p["scaling"]).t().to(x.dtype)) for t, p in zip(downs, ps)]
+            # (s B)^T written contiguous by the graph's own kernel (the GEMM copies its rows chunk by chunk)
+            ups = [(t.to(x.dtype), (p["lora_B.weight"] * p["scaling"]).to(x.dtype).t().contiguous())
+                   for t, p in zip(downs, ps)]
             return tuple(_cpp(sites, x, bases, lowering, ups))
         if lowering in CPP_LOWERINGS:
             ys = _cpp(sites, x, bases, lowering)

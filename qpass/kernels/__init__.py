@@ -1,10 +1,15 @@
 """qpass's own CPU kernels, built on this machine the first time a graph wants one.
 
-`gptq4_gemv(x, qweights, qzeros, scales, group)`: a decode-step matmul (a few rows) that reads 4-bit GPTQ
-weights in gptqmodel's own packing, for every activation dtype (x is passed as float32; the result is
-float32). The int4 kernel aten ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its
+`gptq4_gemv(x, qweights, qzeros, scales, group)` (gptq_gemv.cpp): a decode-step matmul (a few rows) that reads
+4-bit GPTQ weights in gptqmodel's own packing, for every activation dtype (x is passed as float32; the result
+is float32). The int4 kernel aten ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its
 own layout — a second copy of every weight — and bf16 activations; this kernel needs neither, and on the
 benchmark machine runs within 0-25% of aten's kernel per layer at one row (benchmarks --kernels).
+
+`{gptq4,awq4,int4pack}_mm(x, ..., extra_in, extra_w)` and `..._dequant` (dequant.cpp): the prefill / training
+GEMM — 4-bit codes unpacked into the activation dtype in cache-sized column chunks, bit-exact to the
+library's dequantize, each chunk multiplied by the GEMM library at once; optional low-rank terms (LoRA's
+up-projection) added in the same GEMM; differentiable (the backward unpacks again).
 
 Built with `torch.utils.cpp_extension.load` (C++17, -O3, -march=native; about 30 s once per machine, then
 loaded from torch's extension cache; the extension's name carries a digest of the source and of this
@@ -62,8 +67,9 @@ def available() -> bool:
                 _STATE["ok"], _STATE["reason"] = True, ""
             except Exception as exc:  # no compiler, no ninja, a read-only cache...: fall back, say why once
                 _STATE["ok"], _STATE["reason"] = False, f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"qpass: the CPU decode kernel could not be built ({_STATE['reason'][:300]}); "
-                              "decode steps use aten's int4 kernel on a repacked copy of the weights instead",
+                warnings.warn(f"qpass: the CPU kernels could not be built ({_STATE['reason'][:300]}); "
+                              "decode steps use aten's int4 kernel on a repacked copy of the weights and prefill "
+                              "/ training inductor's plain-torch dequantize instead",
                               stacklevel=2)
         return _STATE["ok"]
 

@@ -406,19 +406,31 @@ at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::T
   if (extra_in.empty() && s.list.size() == 1 && s.total <= kChunk)
     return at::mm(xc, dequant(s, x.scalar_type(), x.options()));
   at::Tensor y = at::empty({M, s.total}, x.options());
+  // [x | extra_in[i]]: x copied once into a buffer wide enough for every site's extra columns; site i reads
+  // its first K + r_i columns (row stride K + max r)
+  int64_t rmax = 0;
+  for (const auto& e : extra_in) rmax = std::max<int64_t>(rmax, e.dim() == 2 ? e.size(1) : 0);
+  at::Tensor xt;
+  if (rmax) {
+    xt = at::empty({M, K + rmax}, x.options());
+    xt.narrow(1, 0, K).copy_(xc);
+  }
   for (size_t i = 0; i < s.list.size(); i++) {
     const Site& site = s.list[i];
     at::Tensor xi = xc, ew;
     int64_t r = 0;
     if (!extra_in.empty()) {
-      ew = extra_w[i];
       r = extra_in[i].dim() == 2 ? extra_in[i].size(1) : -1;
-      TORCH_CHECK(extra_in[i].dim() == 2 && extra_in[i].size(0) == M && ew.dim() == 2 && ew.size(0) == r &&
-                      ew.size(1) == site.n && extra_in[i].scalar_type() == x.scalar_type() &&
-                      ew.scalar_type() == x.scalar_type(),
+      TORCH_CHECK(extra_in[i].dim() == 2 && extra_in[i].size(0) == M && extra_w[i].dim() == 2 &&
+                      extra_w[i].size(0) == r && extra_w[i].size(1) == site.n &&
+                      extra_in[i].scalar_type() == x.scalar_type() && extra_w[i].scalar_type() == x.scalar_type(),
                   "qpass ", op, ": site ", i, ": extra_in must be (M, r) and extra_w (r, N=", site.n, ") in x's dtype ",
                   x.scalar_type());
-      if (r) xi = at::cat({xc, extra_in[i]}, 1);
+      ew = extra_w[i].contiguous();  // its rows are copied chunk by chunk
+      if (r) {
+        xt.narrow(1, K, r).copy_(extra_in[i]);
+        xi = xt.narrow(1, 0, K + r);
+      }
     }
     at::Tensor buf = at::empty({K + r, std::min(kChunk, site.n)}, x.options());
     for (int64_t a = 0; a < site.n; a += kChunk) {
