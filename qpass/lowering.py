@@ -380,7 +380,7 @@ def _gptq4_ok(site) -> bool:
 def label(lowering: str) -> str:
     return {"int4pack-cpu": "int4pack-cpu bf16", "int4pack-cuda": "int4pack-cuda bf16",
             "gemv-cpu": "gemv-cpu (library layout, no copy)",
-            "dequant-cpu": "dequant-cpu (C++ unpack + GEMM on the held weights, no copy)"}.get(lowering, lowering)
+            "dequant-cpu": "dequant-cpu (C++ unpack + GEMM, no copy)"}.get(lowering, lowering)
 
 
 # ---- lowered functions ---------------------------------------------------------------------------------
