@@ -445,32 +445,23 @@ at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::T
   return y;
 }
 
-at::Tensor gptq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
-                         at::ScalarType dtype) {
-  TORCH_CHECK(!qweight.empty(), "qpass gptq4_dequant: no sites");
-  return dequant(packed_sites(false, "gptq4_dequant", qweight[0].size(0) * 8, qweight, qzeros, scales, group, dtype),
-                 dtype, qweight[0].options());
+// gptq4_* (AWQ = false) and awq4_* (AWQ = true): the same entry points over the two int32 packings.
+template <bool AWQ>
+at::Tensor packed_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
+                          at::ScalarType dtype) {
+  const char* op = AWQ ? "awq4_dequant" : "gptq4_dequant";
+  TORCH_CHECK(!qweight.empty(), "qpass ", op, ": no sites");
+  const int64_t K = AWQ ? qweight[0].size(0) : qweight[0].size(0) * 8;
+  return dequant(packed_sites(AWQ, op, K, qweight, qzeros, scales, group, dtype), dtype, qweight[0].options());
 }
 
-at::Tensor gptq4_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
-                    int64_t group, at::TensorList extra_in, at::TensorList extra_w) {
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass gptq4_mm: x must be a 2-D CPU tensor");
-  return chunked_mm("gptq4_mm", x, packed_sites(false, "gptq4_mm", x.size(1), qweight, qzeros, scales, group,
-                                                x.scalar_type()), extra_in, extra_w);
-}
-
-at::Tensor awq4_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
-                        at::ScalarType dtype) {
-  TORCH_CHECK(!qweight.empty(), "qpass awq4_dequant: no sites");
-  return dequant(packed_sites(true, "awq4_dequant", qweight[0].size(0), qweight, qzeros, scales, group, dtype), dtype,
-                 qweight[0].options());
-}
-
-at::Tensor awq4_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
-                   int64_t group, at::TensorList extra_in, at::TensorList extra_w) {
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass awq4_mm: x must be a 2-D CPU tensor");
-  return chunked_mm("awq4_mm", x, packed_sites(true, "awq4_mm", x.size(1), qweight, qzeros, scales, group,
-                                               x.scalar_type()), extra_in, extra_w);
+template <bool AWQ>
+at::Tensor packed_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
+                     int64_t group, at::TensorList extra_in, at::TensorList extra_w) {
+  const char* op = AWQ ? "awq4_mm" : "gptq4_mm";
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass ", op, ": x must be a 2-D CPU tensor");
+  return chunked_mm(op, x, packed_sites(AWQ, op, x.size(1), qweight, qzeros, scales, group, x.scalar_type()), extra_in,
+                    extra_w);
 }
 
 at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes, int64_t group,
@@ -491,10 +482,10 @@ at::Tensor int4pack_mm(const at::Tensor& x, at::TensorList qweight, at::TensorLi
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
-  m.impl("gptq4_dequant", TORCH_FN(gptq4_dequant));
-  m.impl("gptq4_mm", TORCH_FN(gptq4_mm));
-  m.impl("awq4_dequant", TORCH_FN(awq4_dequant));
-  m.impl("awq4_mm", TORCH_FN(awq4_mm));
+  m.impl("gptq4_dequant", TORCH_FN(packed_dequant<false>));
+  m.impl("gptq4_mm", TORCH_FN(packed_mm<false>));
+  m.impl("awq4_dequant", TORCH_FN(packed_dequant<true>));
+  m.impl("awq4_mm", TORCH_FN(packed_mm<true>));
   m.impl("int4pack_dequant", TORCH_FN(int4pack_dequant));
   m.impl("int4pack_mm", TORCH_FN(int4pack_mm));
 }
