@@ -9,9 +9,10 @@ on its first eval forward: `qweight` becomes aten's int4pack layout (same bytes:
 the kernel's bf16 `scales_and_zeros` table, the zero points as one uint8 code per (group, output)
 (`qpass_zero_codes`) and, for act-order, the input permutation `ret_idx`; the library's `scales` stay. The site
 then reads the `layouts.int4pack_resident` layout everywhere — decode through
-`aten._weight_int4pack_mm_for_cpu` on the module's own buffers (no copy), prefill, training and eager through a
-plain-torch dequantize of the codes with the library's scales and zero codes (s * (q - z), the library's
-arithmetic). The library's forward is no longer called for these sites.
+`aten._weight_int4pack_mm_for_cpu` on the module's own buffers (no copy), compiled prefill and training through
+qpass's C++ `int4pack_mm` (the `dequant-cpu` lowering; inductor's plain-torch dequantize where the kernels are not
+built), eager through the plain-torch dequantize — both s * (q - z) with the library's scales and zero codes (the
+library's arithmetic). The library's forward is no longer called for these sites.
 
 The library's packed zero points and g_idx are kept off the module (small) so that the library layout can be
 restored bit-exactly: `qpass.unprepare` and `qpass.merge` restore it (the codes are unpacked from the

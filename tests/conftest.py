@@ -38,3 +38,28 @@ def randomize_adapters(model, seed=0, std=0.1):
         for name, p in sorted(model.named_parameters()):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def bases(model):
+    """The report's `base` column (the lowerings) of a prepared model or its compiled wrapper."""
+    return [r.base for r in qpass.report(model).rows if r.base]
+
+
+def eager_and_compiled(model, ids, inner="inductor"):
+    """One forward without gradients through eager qpass and through torch.compile with qpass's backend:
+    (eager logits, compiled logits, both as float32; the compiled model's `bases`; the compiled model)."""
+    compiled = torch.compile(model, backend=qpass.backend(inner))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        out = compiled(ids).logits.float()
+    return ref, out, bases(compiled), compiled
+
+
+def adapter_grads(call, model, ids):
+    """The trainable tensors' gradients after one backward of mean(logits²) through `call` (the model or its
+    compiled wrapper); the model's gradients are zeroed again."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    call(ids).logits.float().square().mean().backward()
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    return grads

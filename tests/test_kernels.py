@@ -20,7 +20,7 @@ from qpass.quant.packing import int4pack_block_n
 from qpass.quant.gptqmodel import dequantize
 from qpass.toy import awq_linear_from, gptq_linear_from, tiny_awq_llama
 
-from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
+from conftest import LOGIT_TOL, adapter_grads, bases as report_bases, eager_and_compiled, input_ids, make_model, randomize_adapters
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.unavailable_reason()}")
 
@@ -82,13 +82,8 @@ def test_compiled_decode_through_the_kernel_keeps_no_copy(dtype, targets):
     """All sites LoRA (siblings fused into one kernel call), or some base-only sites (one call each)."""
     model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     randomize_adapters(model)
-    compiled = torch.compile(model, backend=qpass.backend("inductor"))
-    ids = input_ids(batch=1, seq=1)
-    with torch.no_grad():
-        ref = model(ids).logits.float()
-        out = compiled(ids).logits.float()
+    ref, out, bases, _ = eager_and_compiled(model, input_ids(batch=1, seq=1))
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
-    bases = [r.base for r in qpass.report(compiled).rows if r.base]
     assert len(bases) == 14 and all(b.startswith("gemv-cpu (library layout, no copy)") for b in bases), bases
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
 
@@ -176,26 +171,19 @@ def test_compiled_prefill_and_training_through_the_gemm(dtype):
     eager qpass (the library's kernel + the spec's math)."""
     model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_adapters(model)
-    compiled = torch.compile(model, backend=qpass.backend("inductor"))
     ids = input_ids(batch=2, seq=24)
-    with torch.no_grad():
-        ref = model(ids).logits.float()
-        out = compiled(ids).logits.float()
+    ref, out, bases, _ = eager_and_compiled(model, ids)
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
-    bases = [r.base for r in qpass.report(compiled).rows if r.base]
     assert len(bases) == 14 and all(b.startswith("dequant-cpu") for b in bases), bases
-    params = [p for p in model.parameters() if p.requires_grad]
-    model(ids).logits.float().square().mean().backward()
-    ref_grads = [p.grad.clone() for p in params]
-    model.zero_grad()
+    ref_grads = adapter_grads(model, model, ids)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=qpass.backend("inductor"))
-    compiled(ids).logits.float().square().mean().backward()
-    bases = [r.base for r in qpass.report(compiled).rows if r.base]
+    grads = adapter_grads(compiled, model, ids)
+    bases = report_bases(compiled)
     assert all(b.startswith("dequant-cpu") for b in bases), bases
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
-    for p, g in zip(params, ref_grads):
-        torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol * g.abs().max().item())
+    for grad, g in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, g, rtol=tol, atol=tol * g.abs().max().item())
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
 
 
@@ -303,18 +291,12 @@ def test_compiled_prefill_and_training_of_other_layouts_through_the_gemm(kind):
         model = qpass.prepare(make_model(dtype).to(dtype), cfg, base_layout="int4pack")
     randomize_adapters(model)
     ids = input_ids(batch=2, seq=24)
-    with torch.no_grad():
-        ref = model(ids).logits.float()
-    params = [p for p in model.parameters() if p.requires_grad]
-    model(ids).logits.float().square().mean().backward()
-    ref_grads = [p.grad.clone() for p in params]
-    model.zero_grad()
-    compiled = torch.compile(model, backend=qpass.backend("inductor"))
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(ids).logits.float(), ref, rtol=0, atol=LOGIT_TOL[dtype])
-    compiled(ids).logits.float().square().mean().backward()
-    bases = [r.base for r in qpass.report(compiled).rows if r.base]
+    ref, out, _, compiled = eager_and_compiled(model, ids)
+    torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
+    ref_grads = adapter_grads(model, model, ids)
+    grads = adapter_grads(compiled, model, ids)
+    bases = report_bases(compiled)
     assert len(bases) == 14 and all("dequant-cpu" in b for b in bases), bases
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
-    for p, g in zip(params, ref_grads):
-        torch.testing.assert_close(p.grad, g, rtol=tol, atol=tol * g.abs().max().item())
+    for grad, g in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, g, rtol=tol, atol=tol * g.abs().max().item())

@@ -9,13 +9,9 @@ import qpass
 from qpass import kernels, lowering
 from qpass.toy import tiny_awq_llama
 
-from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
+from conftest import LOGIT_TOL, bases as _bases, eager_and_compiled, input_ids, make_model, randomize_adapters
 
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear")
-
-
-def _bases(model):
-    return [r.base for r in qpass.report(model).rows if r.base]
 
 
 MODELS = {
@@ -31,13 +27,8 @@ def test_decode_uses_the_int4_kernel_and_matches_eager(kind):
     aten's int4 kernel on a repacked copy."""
     model = qpass.prepare(MODELS[kind](), qpass.LoraConfig(**CFG))
     randomize_adapters(model)
-    compiled = torch.compile(model, backend=qpass.backend("aot_eager"))
-    ids = input_ids(batch=1, seq=1)
-    with torch.no_grad():
-        ref = model(ids).logits.float()
-        out = compiled(ids).logits.float()
+    ref, out, bases, _ = eager_and_compiled(model, input_ids(batch=1, seq=1), inner="aot_eager")
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.bfloat16])
-    bases = _bases(compiled)
     kernel = "gemv-cpu (library layout, no copy)" if kind == "gptq-sym" else "int4pack-cpu bf16"
     assert all(b.startswith(kernel) for b in bases), bases
     assert sum("fused q_proj+k_proj+v_proj" in b for b in bases) == 6

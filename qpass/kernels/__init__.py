@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gptq_gemv.cpp", "dequant.cpp")]
+_HEADERS = [Path(__file__).with_name("packed_check.h")]  # in the build digest: a change rebuilds
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "ok": bool, "reason": str
 
@@ -49,7 +50,7 @@ def _cpu_flags() -> str:
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    source = "".join(p.read_text() for p in _SOURCES)
+    source = "".join(p.read_text() for p in _SOURCES + _HEADERS)
     digest = hashlib.sha1((source + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
     cpp_extension.load(
         name=f"qpass_kernels_{digest}", sources=[str(p) for p in _SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],

@@ -37,6 +37,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "packed_check.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -315,30 +317,15 @@ struct Sites {
 // gptq4 (awq = false) or awq4 (awq = true) sites: int32 codes, int32 zero points packed along N, scales.
 Sites packed_sites(bool awq, const char* op, int64_t K, at::TensorList qweight, at::TensorList qzeros,
                    at::TensorList scales, int64_t group, at::ScalarType out) {
-  TORCH_CHECK(!qweight.empty() && qweight.size() == qzeros.size() && qweight.size() == scales.size(), "qpass ", op,
-              ": one qweight, qzeros and scales per site");
-  TORCH_CHECK(group > 0 && (awq || group % 8 == 0) && K % group == 0, "qpass ", op, ": group ", group,
-              awq ? " must divide in_features " : " must be a multiple of 8 dividing in_features ", K);
+  const std::vector<int64_t> ns = qpass_kernels::check_packed(op, awq, K, qweight, qzeros, scales, group);
   Sites r;
   r.shape = {K, group, 0};
   const Kind o = kind_of(out, "output");
-  for (size_t i = 0; i < qweight.size(); i++) {
-    const auto& qw = qweight[i];
-    const auto& qz = qzeros[i];
-    const auto& sc = scales[i];
-    const int64_t n = sc.dim() == 2 ? sc.size(1) : 0;
-    const bool shape = awq ? qw.dim() == 2 && qw.size(0) == K && qw.size(1) * 8 == n
-                           : qw.dim() == 2 && qw.size(0) * 8 == K && qw.size(1) == n;
-    TORCH_CHECK(qw.device().is_cpu() && shape && qw.scalar_type() == at::kInt && qz.scalar_type() == at::kInt &&
-                    qw.is_contiguous() && qz.is_contiguous() && sc.is_contiguous() && n % 16 == 0 &&
-                    qz.dim() == 2 && qz.size(0) == K / group && qz.size(1) * 8 == n && sc.size(0) == K / group,
-                "qpass ", op, ": site ", i, " is not ",
-                awq ? "4-bit AWQ packing (int32 qweight (K, N/8)" : "4-bit GPTQ packing (int32 qweight (K/8, N)",
-                ", qzeros (G, N/8), scales (G, N), N a multiple of 16) for K=", K, ", group ", group);
-    r.list.push_back({qw.data_ptr(), qz.data_ptr(), sc.data_ptr(), n, r.total});
-    const Kind sk = kind_of(sc.scalar_type(), "scales");
+  for (size_t i = 0; i < ns.size(); i++) {
+    r.list.push_back({qweight[i].data_ptr(), qzeros[i].data_ptr(), scales[i].data_ptr(), ns[i], r.total});
+    const Kind sk = kind_of(scales[i].scalar_type(), "scales");
     r.fns.push_back(awq ? pick<Awq4>(sk, o) : pick<Gptq4>(sk, o));
-    r.total += n;
+    r.total += ns[i];
   }
   return r;
 }
@@ -466,7 +453,7 @@ at::Tensor packed_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList
 
 at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes, int64_t group,
                             int64_t block_n, at::ScalarType dtype) {
-  TORCH_CHECK(!qweight.empty() && scales[0].dim() == 2, "qpass int4pack_dequant: no sites");
+  TORCH_CHECK(!qweight.empty() && !scales.empty() && scales[0].dim() == 2, "qpass int4pack_dequant: no sites");
   const int64_t K = scales[0].size(0) * group;
   return dequant(int4pack_sites("int4pack_dequant", K, qweight, scales, zero_codes, group, block_n, dtype), dtype,
                  qweight[0].options());

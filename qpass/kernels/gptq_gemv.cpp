@@ -19,6 +19,8 @@
 #include <cstring>
 #include <vector>
 
+#include "packed_check.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -125,27 +127,17 @@ at::Tensor gptq4_gemv(const at::Tensor& x, at::TensorList qweight, at::TensorLis
                       int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "qpass gptq4_gemv: x must be a contiguous 2-D float32 CPU tensor");
-  TORCH_CHECK(!qweight.empty() && qweight.size() == qzeros.size() && qweight.size() == scales.size(),
-              "qpass gptq4_gemv: one qweight, qzeros and scales per site");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "qpass gptq4_gemv: group ", group,
-              " must be a multiple of 8 dividing in_features ", K);
+  const std::vector<int64_t> ns = qpass_kernels::check_packed("gptq4_gemv", false, K, qweight, qzeros, scales, group);
   std::vector<Site> sites;
   int64_t total = 0;
-  for (size_t i = 0; i < qweight.size(); i++) {
-    const auto& qw = qweight[i];
-    const auto& qz = qzeros[i];
+  for (size_t i = 0; i < ns.size(); i++) {
     const auto& sc = scales[i];
-    const int64_t n = qw.size(1);
-    TORCH_CHECK(qw.scalar_type() == at::kInt && qz.scalar_type() == at::kInt && qw.is_contiguous() &&
-                    qz.is_contiguous() && sc.is_contiguous() && qw.size(0) * 8 == K && n % 16 == 0 &&
-                    qz.size(0) == K / group && qz.size(1) * 8 == n && sc.size(0) == K / group && sc.size(1) == n,
-                "qpass gptq4_gemv: site ", i, " is not 4-bit GPTQ packing (int32 qweight (K/8, N), qzeros (G, N/8), "
-                "scales (G, N), N a multiple of 16) for K=", K, ", group ", group);
     TORCH_CHECK(sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kBFloat16 || sc.scalar_type() == at::kFloat,
                 "qpass gptq4_gemv: scales must be float16, bfloat16 or float32");
-    sites.push_back({qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(), sc.data_ptr(), sc.scalar_type(), n, total});
-    total += n;
+    sites.push_back({qweight[i].data_ptr<int32_t>(), qzeros[i].data_ptr<int32_t>(), sc.data_ptr(), sc.scalar_type(),
+                     ns[i], total});
+    total += ns[i];
   }
   at::Tensor y = at::empty({M, total}, x.options());
   const float* xp = x.data_ptr<float>();

@@ -1,0 +1,40 @@
+// The input check both of qpass's kernels over gptqmodel / AutoAWQ int32 packings share (gptq_gemv.cpp,
+// dequant.cpp): one message per way a site can be wrong, naming the op and the site.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace qpass_kernels {
+
+// Checks `op`'s per-site lists for 4-bit GPTQ packing (awq = false: int32 qweight (K/8, N)) or AWQ packing
+// (awq = true: int32 qweight (K, N/8)) with in_features K: one qweight, qzeros (G, N/8) and scales (G, N) per
+// site, contiguous, on CPU; the group divides K (GPTQ: and is a multiple of 8); N a multiple of 16.
+// Returns each site's out_features N.
+inline std::vector<int64_t> check_packed(const char* op, bool awq, int64_t K, at::TensorList qweight,
+                                         at::TensorList qzeros, at::TensorList scales, int64_t group) {
+  TORCH_CHECK(!qweight.empty() && qweight.size() == qzeros.size() && qweight.size() == scales.size(), "qpass ", op,
+              ": one qweight, qzeros and scales per site");
+  TORCH_CHECK(group > 0 && (awq || group % 8 == 0) && K % group == 0, "qpass ", op, ": group ", group,
+              awq ? " must divide in_features " : " must be a multiple of 8 dividing in_features ", K);
+  std::vector<int64_t> ns;
+  for (size_t i = 0; i < qweight.size(); i++) {
+    const auto& qw = qweight[i];
+    const auto& qz = qzeros[i];
+    const auto& sc = scales[i];
+    const int64_t n = sc.dim() == 2 ? sc.size(1) : 0;
+    const bool shape = awq ? qw.dim() == 2 && qw.size(0) == K && qw.size(1) * 8 == n
+                           : qw.dim() == 2 && qw.size(0) * 8 == K && qw.size(1) == n;
+    TORCH_CHECK(qw.device().is_cpu() && shape && qw.scalar_type() == at::kInt && qz.scalar_type() == at::kInt &&
+                    qw.is_contiguous() && qz.is_contiguous() && sc.is_contiguous() && n % 16 == 0 &&
+                    qz.dim() == 2 && qz.size(0) == K / group && qz.size(1) * 8 == n && sc.size(0) == K / group,
+                "qpass ", op, ": site ", i, " is not ",
+                awq ? "4-bit AWQ packing (int32 qweight (K, N/8)" : "4-bit GPTQ packing (int32 qweight (K/8, N)",
+                ", qzeros (G, N/8), scales (G, N), N a multiple of 16) for K=", K, ", group ", group);
+    ns.push_back(n);
+  }
+  return ns;
+}
+
+}  // namespace qpass_kernels
