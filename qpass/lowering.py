@@ -6,7 +6,7 @@ Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
 | name            | computes                                                         | where it is chosen by "auto" |
 |-----------------|------------------------------------------------------------------|------------------------------|
 | torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | layouts qpass's C++ kernels cannot take (act-order GPTQ in the library layout, other bit widths, CUDA training/prefill), or where the kernels could not be built |
-| gemv-cpu        | `qpass_kernels::gptq4_gemv` (qpass/kernels): reads gptqmodel's own 4-bit GPTQ packing, no copy; float32 math, any activation dtype; siblings in one call | CPU, 4-bit GPTQ with groups in order (no act-order), out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
+| gemv-cpu        | `qpass_kernels::gptq4_gemv` (qpass/kernels): reads gptqmodel's own 4-bit GPTQ packing, no copy; float32 accumulation, any activation dtype (bf16 through AVX512-BF16 dot products); siblings and their LoRA in one call | CPU, 4-bit GPTQ with groups in order (no act-order), out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
 | dequant-cpu     | `qpass_kernels::{gptq4,awq4,int4pack}_mm` (qpass/kernels/dequant.cpp): the 4-bit codes unpacked by vector C++ straight into the activation dtype, in cache-sized column chunks, each multiplied by the GEMM library at once; bit-exact weights, no copy kept; siblings in one call; its backward (dx) unpacks again instead of saving the weight | CPU, prefill (> DECODE_MAX_TOKENS tokens) or training (and fp32/fp16 decode where gemv-cpu does not apply), for 4-bit GPTQ with groups in order, 4-bit AWQ (out_features % 16 == 0), and qpass.resident's int4pack layout; kernels built |
 | int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed; where gemv-cpu does not apply (AWQ, act-order GPTQ) |
 | int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
@@ -390,8 +390,9 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
     """The base outputs of `sites` (siblings reading `x`) from qpass's C++ kernel `lowering` (gemv-cpu or
     dequant-cpu) on their own buffers: one call for siblings with the same group size (their output columns
     concatenated), else one call per site (also for act-order sites in the int4pack layout: each has its own
-    input permutation). `extras` (dequant-cpu): per site (e, w), e (..., r) and w (r, N) in x's dtype, whose
-    product is added inside the base GEMM."""
+    input permutation). `extras`, per site: dequant-cpu (e, w), e (..., r) and w (r, N) in x's dtype, whose
+    product is added inside the base GEMM; gemv-cpu (A, B, scaling) of a float32 LoRA, whose up-projection of
+    x A^T the kernel adds (see GEMV_LORA)."""
     named = [dict(zip(s.info.buffers, b)) for s, b in zip(sites, bases)]
     groups = {s.info.group for s in sites}
     if len(sites) > 1 and (len(groups) > 1 or any("ret_idx" in n for n in named)):
@@ -400,10 +401,13 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
     h = x.reshape(-1, sites[0].info.in_features)
     more = ()
     if extras is not None:
-        more = ([e.reshape(h.shape[0], -1) for e, _ in extras], [w for _, w in extras])
+        if lowering == "gemv-cpu":
+            more = tuple(list(part) for part in zip(*extras))
+        else:
+            more = ([e.reshape(h.shape[0], -1) for e, _ in extras], [w for _, w in extras])
     if lowering == "gemv-cpu":
         y = kernels.gptq4_gemv(h, [n["qweight"] for n in named], [n["qzeros"] for n in named],
-                               [n["scales"] for n in named], groups.pop())
+                               [n["scales"] for n in named], groups.pop(), *more)
     elif sites[0].info.matcher is layouts.int4pack_resident:
         if "ret_idx" in named[0]:  # act-order: the codes' rows are in the permuted input order
             h = h.index_select(-1, named[0]["ret_idx"].long())
@@ -487,6 +491,14 @@ REDUCE_MAX_ROWS = 1  # adapter matmuls with at most this many rows (static) use 
 # keeps PEFT's arithmetic (the adapter gradients stay in float32). False: always the separate form.
 FOLD_UP = True
 
+# gemv-cpu graphs that need no gradient (decode steps) hand each site's float32 LoRA (A, B, scaling) to the
+# kernel: it computes t = x A^T for all siblings, then adds scaling * t B^T to each column block's float32
+# accumulator before its one store, so the whole site is one pass over its weights instead of a kernel call
+# plus a few small fused loops per sibling group. The adapter arithmetic stays float32 as PEFT's; the sum with
+# the base is rounded once to the activation dtype (PEFT rounds the base output first: at most one ulp of
+# the output apart). False: the separate form.
+GEMV_LORA = True
+
 
 def _downs(xa, ps, ranks, reduce):
     """Each LoRA site's down-projection xa @ A^T: per site in the multiply + sum form (`reduce`, which fuses per
@@ -519,9 +531,15 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     fold = FOLD_UP and lowering == "dequant-cpu" and not needs_grad and not any(
         "lora_B.bias" in slot.tensor_names for slot in slots)
 
+    gemv_lora = GEMV_LORA and lowering == "gemv-cpu" and not needs_grad and not any(
+        "lora_B.bias" in slot.tensor_names for slot in slots)
+
     def fn(x, xa, bases, adapters, kernel=()):
         kernel = list(kernel)
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
+        if gemv_lora and all(p["lora_A.weight"].dtype == p["lora_B.weight"].dtype == torch.float32 for p in ps):
+            return tuple(_cpp(sites, x, bases, lowering, [
+                (p["lora_A.weight"], p["lora_B.weight"], p["scaling"].float()) for p in ps]))
         if fold:
             downs = _downs(xa, ps, ranks, reduce=False)
             # (s B)^T written contiguous by the graph's own kernel (the GEMM copies its rows chunk by chunk)

@@ -30,21 +30,71 @@ def _layer(k, n, group, seed):
     return gptq_linear_from(torch.nn.Linear(k, n, bias=False), bits=4, group_size=group, sym=False)
 
 
+def _gemv_bound(x, q, k):
+    """What gemv's float32 accumulation may be off by, per output: per group it sums x (c + q) and takes
+    (c + z) sum x off (c = 16 in the bf16 loop, else 0), so the terms are |x| |s| (c + q) and |x| |s| (c + z):
+    a few float32 ulps of their sum."""
+    c = 16 if x.dtype == torch.bfloat16 and kernels.gemv_bf16_loop() else 0
+    g = torch.arange(k) // (k // q.scales.shape[0])
+    codes = torch.stack([(q.qweight >> (4 * j)) & 15 for j in range(8)], 1).reshape(k, -1)
+    zeros = torch.stack([(q.qzeros >> (4 * j)) & 15 for j in range(8)], 2).reshape(q.scales.shape[0], -1)
+    mag = q.scales.double().abs()[g] * (2 * c + codes + zeros[g]).double()
+    return 8 * 2**-24 * (x.double().abs() @ mag) * k ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
 @pytest.mark.parametrize("k,n,group", [(256, 224, 32), (128, 128, 64), (384, 64, 128), (256, 32, 256)])
-def test_gemv_equals_the_library_weight(rows, k, n, group):
+def test_gemv_equals_the_library_weight(dtype, rows, k, n, group):
     q = _layer(k, n, group, seed=rows + n)
     info = match(q)
     exact = dequantize(info, q.qweight, q.qzeros, q.scales.double(), q.g_idx)  # s * (q - z), no rounding
     # ... which is gptqmodel's own dequantized weight before its float16 rounding
     torch.testing.assert_close(exact.half(), q.dequantize_weight(), rtol=0, atol=0)
-    x = torch.randn(rows, k)
+    x = torch.randn(rows, k, dtype=dtype)
     out = kernels.gptq4_gemv(x, [q.qweight], [q.qzeros], [q.scales], group)
     ref = x.double() @ exact
-    assert out.dtype == torch.float32 and out.shape == (rows, n)
-    # float32 products and sums: a few float32 ulps of sum |x||W| per output
-    bound = 8 * 2**-24 * (x.double().abs() @ exact.abs()) * k ** 0.5
-    assert ((out.double() - ref).abs() <= bound).all(), (out.double() - ref).abs().max()
+    assert out.dtype == dtype and out.shape == (rows, n)
+    err = (out.double() - ref).abs()
+    assert (err <= _rounded(_gemv_bound(x, q, k), ref, dtype)).all(), err.max()
+
+
+def _rounded(bound, ref, dtype):
+    """`bound` on the float32 accumulation, plus the one rounding to a bfloat16 output (2^-8 relative)."""
+    return bound if dtype == torch.float32 else bound + 2**-8 * (ref.abs() + bound)
+
+
+def test_the_bf16_loop_is_built_where_the_cpu_has_it():
+    from pathlib import Path
+
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    assert kernels.gemv_bf16_loop() == ("avx512_bf16" in flags.split())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gemv_adds_each_sites_lora(dtype, rows):
+    """Siblings of different ranks (each site's t at its own offset) and ranks over 16 (two vector loads)."""
+    layers = [_layer(256, n, 64, seed=n) for n in (128, 64, 224)]
+    ranks = (4, 16, 21)
+    torch.manual_seed(rows)
+    a = [torch.randn(r, 256) for r in ranks]
+    b = [torch.randn(q.scales.shape[1], r) for q, r in zip(layers, ranks)]
+    scaling = [torch.tensor(v) for v in (0.5, 2.0, 0.125)]
+    x = torch.randn(rows, 256, dtype=dtype)
+    args = ([q.qweight for q in layers], [q.qzeros for q in layers], [q.scales for q in layers], 64)
+    out = kernels.gptq4_gemv(x, *args, a, b, scaling)
+    assert out.dtype == dtype
+    base = torch.cat([x.double() @ dequantize(match(q), q.qweight, q.qzeros, q.scales.double(), q.g_idx) for q in layers], 1)
+    delta = torch.cat([s.double() * (x.double() @ ai.double().t()) @ bi.double().t() for ai, bi, s in zip(a, b, scaling)], 1)
+    mag = torch.cat([s.double() * (x.double().abs() @ ai.double().abs().t()) @ bi.double().abs().t()
+                     for ai, bi, s in zip(a, b, scaling)], 1)
+    # the base as without LoRA; the LoRA part in float32: ulps of sum |t||B|; one rounding of the sum
+    bound = torch.cat([_gemv_bound(x, q, 256) for q in layers], 1) + 16 * 2**-24 * mag
+    ref = base + delta
+    assert ((out.double() - ref).abs() <= _rounded(bound, ref, dtype)).all()
+    with pytest.raises(RuntimeError, match="site 1's LoRA must be float32 contiguous CPU tensors A \\(r, 256\\)"):
+        kernels.gptq4_gemv(x, *args, a, [b[0], b[0], b[2]], scaling)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -71,9 +121,13 @@ def test_bad_input_names_the_site_and_the_layout():
         kernels.gptq4_gemv(torch.randn(1, 128), [q.qweight], [q.qzeros], [q.scales], 48)
 
 
-def test_fake_kernel_matches_the_real_one():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_kernel_matches_the_real_one(dtype):
     q = _layer(128, 96, 32, seed=1)
-    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_gemv, (torch.randn(3, 128), [q.qweight], [q.qzeros], [q.scales], 32))
+    x, args = torch.randn(3, 128, dtype=dtype), ([q.qweight], [q.qzeros], [q.scales], 32)
+    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_gemv, (x, *args, [], [], []))
+    lora = ([torch.randn(4, 128)], [torch.randn(96, 4)], [torch.tensor(0.5)])
+    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_gemv, (x, *args, *lora))
 
 
 @pytest.mark.parametrize("dtype,targets", [(torch.float32, "all-linear"), (torch.float16, "all-linear"),
@@ -86,6 +140,23 @@ def test_compiled_decode_through_the_kernel_keeps_no_copy(dtype, targets):
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
     assert len(bases) == 14 and all(b.startswith("gemv-cpu (library layout, no copy)") for b in bases), bases
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_inside_the_gemv_equals_the_separate_form(dtype, monkeypatch):
+    """lowering.GEMV_LORA: LoRA's float32 arithmetic inside the kernel, rounded once with the base, against
+    the separate form (the base rounded to the activation dtype, then the delta added: PEFT's order)."""
+    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model)
+    ids = input_ids(batch=1, seq=1)
+    ref, fused, _, _ = eager_and_compiled(model, ids)
+    torch._dynamo.reset()
+    monkeypatch.setattr(lowering, "GEMV_LORA", False)
+    _, apart, _, _ = eager_and_compiled(model, ids)
+    tol = {torch.float32: 1e-5, torch.bfloat16: LOGIT_TOL[torch.bfloat16]}[dtype]
+    torch.testing.assert_close(fused, apart, rtol=0, atol=tol)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=LOGIT_TOL[dtype])
+    assert not torch.equal(fused, apart)  # the two forms did run (different roundings)
 
 
 # ---- gptq4_dequant / gptq4_mm: the prefill and training base ------------------------------------------------
@@ -185,6 +256,23 @@ def test_compiled_prefill_and_training_through_the_gemm(dtype):
     for grad, g in zip(grads, ref_grads):
         torch.testing.assert_close(grad, g, rtol=tol, atol=tol * g.abs().max().item())
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_inside_the_gemv_equals_the_separate_form(dtype, monkeypatch):
+    """lowering.GEMV_LORA: LoRA's float32 arithmetic inside the kernel, rounded once with the base, against
+    the separate form (the base rounded to the activation dtype, then the delta added: PEFT's order)."""
+    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model)
+    ids = input_ids(batch=1, seq=1)
+    ref, fused, _, _ = eager_and_compiled(model, ids)
+    torch._dynamo.reset()
+    monkeypatch.setattr(lowering, "GEMV_LORA", False)
+    _, apart, _, _ = eager_and_compiled(model, ids)
+    tol = {torch.float32: 1e-5, torch.bfloat16: LOGIT_TOL[torch.bfloat16]}[dtype]
+    torch.testing.assert_close(fused, apart, rtol=0, atol=tol)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=LOGIT_TOL[dtype])
+    assert not torch.equal(fused, apart)  # the two forms did run (different roundings)
 
 
 # ---- int4pack_dequant / int4pack_mm: the same for weights held in the int4pack layout (base_layout="int4pack")

@@ -1,8 +1,9 @@
 """qpass's own CPU kernels, built on this machine the first time a graph wants one.
 
-`gptq4_gemv(x, qweights, qzeros, scales, group)` (gptq_gemv.cpp): a decode-step matmul (a few rows) that reads
-4-bit GPTQ weights in gptqmodel's own packing, for every activation dtype (x is passed as float32; the result
-is float32). The int4 kernel aten ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its
+`gptq4_gemv(x, qweights, qzeros, scales, group[, lora_a, lora_b, scaling])` (gptq_gemv.cpp): a decode-step
+matmul (a few rows) that reads 4-bit GPTQ weights in gptqmodel's own packing, for every activation dtype
+(bfloat16 x through AVX512-BF16 dot products where the CPU has them, others as float32; the result is
+float32), optionally with each site's LoRA added in the same pass. The int4 kernel aten ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its
 own layout — a second copy of every weight — and bf16 activations; this kernel needs neither, and on the
 benchmark machine runs within 0-25% of aten's kernel per layer at one row (benchmarks --kernels).
 
@@ -82,18 +83,35 @@ def unavailable_reason() -> Optional[str]:
 
 
 _LIB = torch.library.Library("qpass_kernels", "DEF")
-_LIB.define("gptq4_gemv(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group) -> Tensor")
+_LIB.define("gptq4_gemv(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor[] lora_a, "
+            "Tensor[] lora_b, Tensor[] scaling) -> Tensor")
 
 
 @torch.library.register_fake("qpass_kernels::gptq4_gemv", lib=_LIB)
-def _(x, qweight, qzeros, scales, group):
+def _(x, qweight, qzeros, scales, group, lora_a, lora_b, scaling):
     return x.new_empty((x.shape[0], sum(q.shape[1] for q in qweight)))
 
 
-def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int) -> torch.Tensor:
-    """(M, sum N_i) float32 = x (M, K) @ [W_1 | W_2 | ...], W_i the 4-bit GPTQ weights of site i."""
-    return torch.ops.qpass_kernels.gptq4_gemv(x.float().contiguous(), qweight, qzeros, scales, group)
+def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, lora_a=(), lora_b=(),
+               scaling=()) -> torch.Tensor:
+    """(M, sum N_i) = x (M, K) @ [W_1 | W_2 | ...], W_i the 4-bit GPTQ weights of site i, accumulated in
+    float32 and rounded once to x's dtype (bfloat16 x; any other dtype is multiplied as, and returned in,
+    float32). With `lora_a`/`lora_b`/`scaling` (per site: float32 A (r_i, K), B (N_i, r_i), a one-element
+    scaling) site i's columns also get scaling_i * (x A_i^T) B_i^T, in float32, before that one rounding.
+    bfloat16 x takes the AVX512-BF16 loop where the CPU has it."""
+    if x.dtype != torch.bfloat16:
+        x = x.float()
+    return torch.ops.qpass_kernels.gptq4_gemv(x.contiguous(), qweight, qzeros, scales, group, list(lora_a),
+                                              list(lora_b), list(scaling))
 
+
+
+_LIB.define("gemv_bf16_loop(Tensor device) -> bool")
+
+
+def gemv_bf16_loop() -> bool:
+    """Whether gptq4_gemv was built with its AVX512-BF16 loop (the build targets this machine's CPU)."""
+    return torch.ops.qpass_kernels.gemv_bf16_loop(torch.empty(0))
 
 
 # ---- the prefill / training GEMMs (dequant.cpp): x @ W with W unpacked in cache-sized column chunks ---------
