@@ -142,13 +142,14 @@ def _mm_counting_backend(counts: list):
     return aot_autograd(fw_compiler=fw)
 
 
-@pytest.mark.parametrize("seq,adapter_mms", [(1, 0), (3, 8 + 14)])
-def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(seq, adapter_mms):
-    """One token, no gradient: every LoRA site (fused q/k/v, gate/up, and the single o/down) takes the
-    multiply + sum form and the 14 fp32 bases run qpass's gemv kernel, so the forward graph's one GEMM is
-    lm_head; with 3 tokens the adapters are GEMMs again (8 down-projections: 2 fused + 2 single per layer;
-    14 up).
-    fp32 logits equal eager qpass (the library kernel + F.linear) at fp32 tolerance either way."""
+@pytest.mark.parametrize("gemv_lora,seq,adapter_mms", [(True, 1, 0), (True, 3, 0), (False, 1, 0), (False, 3, 8 + 14)])
+def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(gemv_lora, seq, adapter_mms, monkeypatch):
+    """No gradient, <= 16 tokens: the 14 fp32 bases run qpass's gemv kernel and their LoRA runs inside it
+    (lowering.GEMV_LORA), so the forward graph's one GEMM is lm_head. Without that: at one token every LoRA
+    site (fused q/k/v, gate/up, and the single o/down) takes the multiply + sum form (still no GEMM); with 3
+    tokens the adapters are GEMMs (8 down-projections: 2 fused + 2 single per layer; 14 up).
+    fp32 logits equal eager qpass (the library kernel + F.linear) at fp32 tolerance every way."""
+    monkeypatch.setattr(lowering, "GEMV_LORA", gemv_lora)
     model = qpass.prepare(make_model(), qpass.LoraConfig(**CFG))
     randomize_adapters(model)
     ids = input_ids(batch=1, seq=seq)
