@@ -258,23 +258,6 @@ def test_compiled_prefill_and_training_through_the_gemm(dtype):
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_inside_the_gemv_equals_the_separate_form(dtype, monkeypatch):
-    """lowering.GEMV_LORA: LoRA's float32 arithmetic inside the kernel, rounded once with the base, against
-    the separate form (the base rounded to the activation dtype, then the delta added: PEFT's order)."""
-    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    randomize_adapters(model)
-    ids = input_ids(batch=1, seq=1)
-    ref, fused, _, _ = eager_and_compiled(model, ids)
-    torch._dynamo.reset()
-    monkeypatch.setattr(lowering, "GEMV_LORA", False)
-    _, apart, _, _ = eager_and_compiled(model, ids)
-    tol = {torch.float32: 1e-5, torch.bfloat16: LOGIT_TOL[torch.bfloat16]}[dtype]
-    torch.testing.assert_close(fused, apart, rtol=0, atol=tol)
-    torch.testing.assert_close(fused, ref, rtol=0, atol=LOGIT_TOL[dtype])
-    assert not torch.equal(fused, apart)  # the two forms did run (different roundings)
-
-
 # ---- int4pack_dequant / int4pack_mm: the same for weights held in the int4pack layout (base_layout="int4pack")
 
 
