@@ -2,10 +2,11 @@
 
 `gptq4_gemv(x, qweights, qzeros, scales, group[, lora_a, lora_b, scaling])` (gptq_gemv.cpp): a decode-step
 matmul (a few rows) that reads 4-bit GPTQ weights in gptqmodel's own packing, for every activation dtype
-(bfloat16 x through AVX512-BF16 dot products where the CPU has them, others as float32; the result is
-float32), optionally with each site's LoRA added in the same pass. The int4 kernel aten ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its
-own layout — a second copy of every weight — and bf16 activations; this kernel needs neither, and on the
-benchmark machine runs within 0-25% of aten's kernel per layer at one row (benchmarks --kernels).
+(bfloat16 x through AVX512-BF16 dot products where the CPU has them, returned in bfloat16; others multiplied
+and returned as float32), optionally with each site's LoRA added in the same call. The int4 kernel aten
+ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its own layout — a second copy of every
+weight — and bf16 activations; this kernel needs neither, and on the benchmark machine runs within 0-25% of
+aten's kernel per layer at one row (benchmarks --kernels).
 
 `{gptq4,awq4,int4pack}_mm(x, ..., extra_in, extra_w)` and `..._dequant` (dequant.cpp): the prefill / training
 GEMM — 4-bit codes unpacked into the activation dtype in cache-sized column chunks, bit-exact to the
@@ -103,7 +104,6 @@ def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group
         x = x.float()
     return torch.ops.qpass_kernels.gptq4_gemv(x.contiguous(), qweight, qzeros, scales, group, list(lora_a),
                                               list(lora_b), list(scaling))
-
 
 
 _LIB.define("gemv_bf16_loop(Tensor device) -> bool")

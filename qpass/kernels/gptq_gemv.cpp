@@ -69,7 +69,7 @@ struct Site {
 struct Input {
   const float* x = nullptr;         // (M, K) float32
   const uint32_t* pairs = nullptr;  // (M, K / 2), bf16 loop: for word row w, pair j < 4 = x[8w + j] | x[8w + j + 4] << 16
-  int64_t M = 0, K = 0, G = 0;
+  int64_t M = 0, K = 0;
   bool bf16 = false;
 };
 
@@ -240,13 +240,19 @@ inline void correct16(const Site& s, int64_t g, int64_t n0, const float* p, floa
 #endif
 }
 
-// Word rows [w0, w1) of site s (all within group g): acc (M, ldy) += s * (sum x (c + q) - (c + z) sum x).
-void segment(const Site& s, const Input& in, const float* xf, float* part, float* acc, int64_t ldy, int64_t g,
-             int64_t w0, int64_t w1) {
+// A thread's word rows [w0, w1), all within group g, and sum of x over them per row of x (the same for every
+// site: made once per call).
+struct Segment {
+  int64_t g, w0, w1;
+  std::vector<float> sums;  // (M)
+};
+
+// Segment `seg` of site s: acc (M, ldy) += s * (sum x (c + q) - (c + z) sum x).
+void segment(const Site& s, const Input& in, const Segment& seg, float* part, float* acc, int64_t ldy) {
   const int64_t M = in.M, N = s.n;
   std::fill(part, part + M * N, 0.f);
-  for (int64_t w = w0; w < w1; w += kRows) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRows, w1 - w));
+  for (int64_t w = seg.w0; w < seg.w1; w += kRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, seg.w1 - w));
     for (int64_t n0 = 0; n0 < N;) {
       const int64_t left = N - n0;
       if (M == 1 && left >= 128) {  // one row of x: 8 accumulators
@@ -264,11 +270,9 @@ void segment(const Site& s, const Input& in, const float* xf, float* part, float
     }
   }
   const float c = in.bf16 ? kCodeOffset : 0.f;
-  for (int64_t m = 0; m < M; m++) {
-    float sum = 0.f;  // x over these rows
-    for (int64_t k = 8 * w0; k < 8 * w1; k++) sum += xf[m * in.K + k];
-    for (int64_t n0 = 0; n0 < N; n0 += 16) correct16(s, g, n0, part + m * N + n0, acc + m * ldy + s.col + n0, c, sum);
-  }
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t n0 = 0; n0 < N; n0 += 16)
+      correct16(s, seg.g, n0, part + m * N + n0, acc + m * ldy + s.col + n0, c, seg.sums[m]);
 }
 
 at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
@@ -323,7 +327,7 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
     std::memcpy(xf.data(), x.data_ptr<float>(), sizeof(float) * M * K);
   }
   Input in;
-  in.M = M, in.K = K, in.G = group, in.x = xf.data(), in.pairs = pairs.data();
+  in.M = M, in.K = K, in.x = xf.data(), in.pairs = pairs.data();
   in.bf16 = bf16 && kBf16Loop;
 
   // One parallel region (each fork/join costs microseconds, and a decode step makes 16 of these calls):
@@ -342,14 +346,18 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
   {
     const int p = omp_get_thread_num(), T = omp_get_num_threads();
     std::vector<float> part(static_cast<size_t>(M * widest));
-    const int64_t w_begin = rows * p / T, w_end = rows * (p + 1) / T;
-    for (const Site& s : sites) {
-      for (int64_t w0 = w_begin; w0 < w_end;) {
-        const int64_t g = w0 * 8 / group, w1 = std::min(w_end, (g + 1) * group / 8);
-        segment(s, in, xf.data(), part.data(), acc.data() + p * M * total, total, g, w0, w1);
-        w0 = w1;
-      }
+    const int64_t w_end = rows * (p + 1) / T;
+    std::vector<Segment> segs;
+    for (int64_t w0 = rows * p / T; w0 < w_end;) {
+      const int64_t g = w0 * 8 / group, w1 = std::min(w_end, (g + 1) * group / 8);
+      std::vector<float> sums(static_cast<size_t>(M), 0.f);
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 8 * w0; k < 8 * w1; k++) sums[m] += xf[m * K + k];
+      segs.push_back({g, w0, w1, std::move(sums)});
+      w0 = w1;
     }
+    for (const Site& s : sites)
+      for (const Segment& seg : segs) segment(s, in, seg, part.data(), acc.data() + p * M * total, total);
     for (int64_t j = rt * p / T; j < rt * (p + 1) / T; j++) {
       const Site& s = *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
         return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
