@@ -21,7 +21,9 @@
 // packed rows: each thread takes a contiguous range of rows (K / 8 words each) and reads it front to back, 8
 // rows at a time across all of a site's columns (the 8 rows' float32 partial sums stay in registers, then go
 // to a per-thread buffer), then takes each group's scale and zero offset off at once. One pass then adds the
-// threads' sums and LoRA's up-projection and stores in x's dtype. All of it in one parallel region (a decode
+// threads' sums and LoRA's up-projection and stores in x's dtype, 16 columns at a time (the 16 dot products of
+// B's rows with t reduced together by a permute tree, not one horizontal sum per column: about 0.06 ms less
+// per decode step of the benchmark model, with or without LoRA). All of it in one parallel region (a decode
 // step makes 16 of these calls; each fork/join costs microseconds). Measured on the benchmark model's 16
 // decode-step calls (25 MiB of weights, 2 threads, interleaved): 1.0-1.4 ms, against 1.9-2.3 ms for the
 // previous kernel, which walked each 128-column block down all K rows (a new page every 512 bytes).
@@ -114,6 +116,54 @@ inline float dot(const float* a, const float* b, int64_t r) {
   return acc;
 #endif
 }
+
+#if defined(__AVX512F__)
+// Lane c of the result: the sum of v[c]'s 16 lanes (16 horizontal sums at once: four levels of pairwise
+// permute-and-add, each halving the lanes a column occupies; 45 instructions for 16 columns).
+struct Reduce16 {
+  __m512i lo[4], hi[4];
+  Reduce16() {
+    for (int L = 0; L < 4; L++) {
+      const int cols = 1 << L, span = 16 >> L, half = span / 2;  // per input vector: cols columns of span lanes
+      alignas(64) int32_t l[16], h[16];
+      for (int i = 0; i < 16; i++) {
+        const int c = i / half, k = i % half;
+        const int base = c < cols ? c * span : 16 + (c - cols) * span;
+        l[i] = base + k, h[i] = base + k + half;
+      }
+      lo[L] = _mm512_load_si512(l), hi[L] = _mm512_load_si512(h);
+    }
+  }
+  __m512 operator()(__m512* v) const {
+    for (int L = 0, n = 16; L < 4; L++, n /= 2)
+      for (int i = 0; i < n / 2; i++)
+        v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], lo[L], v[2 * i + 1]),
+                             _mm512_permutex2var_ps(v[2 * i], hi[L], v[2 * i + 1]));
+    return v[0];
+  }
+};
+
+// sum_j t[j] B[c, j] for the 16 rows c of b (row stride r), r > 0.
+inline __m512 up16(const Reduce16& reduce, const float* b, int64_t r, const float* t) {
+  __m512 v[16];
+  for (int c = 0; c < 16; c++) v[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < r; j += 16) {
+    const __mmask16 mk = r - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (r - j)) - 1);
+    const __m512 tt = _mm512_maskz_loadu_ps(mk, t + j);
+    for (int c = 0; c < 16; c++) v[c] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, b + c * r + j), tt, v[c]);
+  }
+  return reduce(v);
+}
+
+// 16 float32 to bfloat16, rounded to nearest even as c10::BFloat16 (NaN -> 0x7FC0).
+inline void store_bf16(at::BFloat16* out, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+}
+#endif
 
 // ---- row kernels: part[m * ldp + c] += sum_k x[m0 + m, k] * (c + q[k, n0 + c]) over word rows w0..w0+nr-1,
 // ---- columns c < 16 V, rows m < mr of x
@@ -342,6 +392,9 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
   at::Tensor y = at::empty({M, total}, x.options());
   at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
   float* yf = bf16 ? nullptr : y.data_ptr<float>();
+#if defined(__AVX512F__)
+  static const Reduce16 reduce;
+#endif
 #pragma omp parallel num_threads(threads)
   {
     const int p = omp_get_thread_num(), T = omp_get_num_threads();
@@ -364,13 +417,27 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
       for (int64_t m = 0; m < M; m++) t[m * rt + j] = dot(s.lora.a + (j - s.lora.t_offset) * K, xf.data() + m * K, K);
     }
 #pragma omp barrier
-    for (const Site& s : sites) {  // thread p: its share of every site's columns (o_proj and down are one site)
-      const int64_t n_begin = s.n * p / T, n_end = s.n * (p + 1) / T;
+    for (const Site& s : sites) {  // thread p: its share of every site's columns, in blocks of 16
+      const int64_t blocks = s.n / 16, n_begin = 16 * (blocks * p / T);
+      const int64_t n_end = p == T - 1 ? s.n : 16 * (blocks * (p + 1) / T);
       for (int64_t m = 0; m < M; m++) {
-        for (int64_t n = n_begin; n < n_end; n++) {
+        const float* tm = t.data() + m * rt + s.lora.t_offset;
+        const float* am = acc.data() + m * total + s.col;  // thread q's sums at am + q M total
+        int64_t n = n_begin;
+#if defined(__AVX512F__)
+        for (; n + 16 <= n_end; n += 16) {  // 16 columns: sums, up-projection (16 dots at once), one rounding
+          __m512 v = _mm512_loadu_ps(am + n);
+          for (int q = 1; q < T; q++) v = _mm512_add_ps(v, _mm512_loadu_ps(am + q * M * total + n));
+          if (lora)
+            v = _mm512_fmadd_ps(_mm512_set1_ps(s.lora.scaling), up16(reduce, s.lora.b + n * s.lora.r, s.lora.r, tm), v);
+          if (yb != nullptr) store_bf16(yb + m * total + s.col + n, v);
+          else _mm512_storeu_ps(yf + m * total + s.col + n, v);
+        }
+#endif
+        for (; n < n_end; n++) {
           float v = 0.f;
-          for (int q = 0; q < T; q++) v += acc[(q * M + m) * total + s.col + n];
-          if (lora) v += s.lora.scaling * dot(s.lora.b + n * s.lora.r, t.data() + m * rt + s.lora.t_offset, s.lora.r);
+          for (int q = 0; q < T; q++) v += am[q * M * total + n];
+          if (lora) v += s.lora.scaling * dot(s.lora.b + n * s.lora.r, tm, s.lora.r);
           if (yb != nullptr) yb[m * total + s.col + n] = c10::BFloat16(v);  // round to nearest even
           else yf[m * total + s.col + n] = v;
         }
