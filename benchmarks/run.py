@@ -22,7 +22,9 @@ Workloads:
   prefill  1 x 128 tokens, no cache (use_cache=False)
   train    1 x 128 tokens: forward + loss + backward + AdamW step + zero_grad
 Timing: every (config, workload) is warmed up (the first call compiles; its time minus the median is reported as
-compile seconds), then rounds run each (workload, config) once in turn; medians over rounds.
+compile seconds), then rounds run each (workload, config) in turn; medians over rounds. A round's sample of a
+short call (a decode step: 5 ms) is the mean of back-to-back calls lasting about --min-sample-ms (60 ms), as a
+generation loop runs them; a single 5 ms call is at the mercy of the VM's scheduler.
 Memory: tensor bytes each model holds (parameters, buffers, qpass's repacked int4 copies) and the process RSS
 growth sampled during each configuration's calls; the process peak RSS (ru_maxrss) too.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -292,6 +295,7 @@ def run(args):
     sizes = QUICK if args.quick else FULL
     group = 32 if args.quick else 128
     repeats = args.repeats or (3 if args.quick else 12)
+    min_sample = (args.min_sample_ms if args.min_sample_ms is not None else 0 if args.quick else 60.0) / 1e3
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.configs.split(",") if args.configs else (QUICK_CONFIGS if args.quick else FULL_CONFIGS)
@@ -306,6 +310,7 @@ def run(args):
     results = {c.name: {"note": c.note, "group": c.group, "tensor_bytes": tensor_bytes(c.model)} for c in cfgs}
 
     # warm-up: first call compiles; graphs / breaks counted per (config, workload)
+    calls = {}
     for wl in workloads:
         for c in cfgs:
             if wl not in c.workloads:
@@ -315,10 +320,15 @@ def run(args):
             getattr(w, wl)(c)
             first = time.perf_counter() - t0
             for _ in range(args.warmup):
+                t0 = time.perf_counter()
                 getattr(w, wl)(c)
+                warm = time.perf_counter() - t0
             graphs1, breaks1 = dynamo_counts()
+            # a sample is `calls` back-to-back calls (a short call alone is at the mercy of the VM's scheduler)
+            calls[(c.name, wl)] = max(1, min(50, math.ceil(min_sample / warm))) if args.warmup else 1
             results[c.name].setdefault(wl, {}).update(first_call_s=first, graphs=graphs1 - graphs0,
-                                                       graph_breaks=breaks1 - breaks0)
+                                                       graph_breaks=breaks1 - breaks0,
+                                                       calls_per_sample=calls[(c.name, wl)])
             print(f"  warm {wl:8s} {c.name:24s} first call {first:7.2f} s  graphs {graphs1 - graphs0} "
                   f"breaks {breaks1 - breaks0}", flush=True)
 
@@ -332,10 +342,13 @@ def run(args):
                     continue
                 box = {}
 
+                k = calls[(c.name, wl)]
+
                 def once():
                     t0 = time.perf_counter()
-                    getattr(w, wl)(c)
-                    box["t"] = time.perf_counter() - t0
+                    for _ in range(k):
+                        getattr(w, wl)(c)
+                    box["t"] = (time.perf_counter() - t0) / k
 
                 start, peak = sampler.measure(once)
                 times[(c.name, wl)].append(box["t"] * 1e3)
@@ -372,6 +385,7 @@ def run(args):
         "command": "benchmarks/run.py " + " ".join(sys.argv[1:]),
         "mode": "quick" if args.quick else "full",
         "sizes": sizes, "group_size": group, "lora_rank": args.rank, "dtype": str(DTYPE), "repeats": repeats,
+        "min_sample_ms": min_sample * 1e3,
         "environment": {
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
@@ -608,6 +622,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (the test runs this)")
     p.add_argument("--repeats", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-sample-ms", type=float, default=None,
+                   help="each timed sample repeats a call back to back until it lasts about this long (at most 50 "
+                        "calls); the sample is the mean per call. Default 60, --quick 0")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--configs", default="", help="comma-separated subset of configurations")
     p.add_argument("--workloads", default="", help="comma-separated subset of decode,prefill,train")

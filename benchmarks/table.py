@@ -15,9 +15,11 @@ def fmt(value, spec=".1f"):
 def main(path=None) -> None:
     data = json.loads(Path(path or Path(__file__).parent / "results" / "latest.json").read_text())
     env = data["environment"]
+    ms = data.get("min_sample_ms")
+    sample = f", each the mean of back-to-back calls lasting about {ms:.0f} ms (at most 50)" if ms else ""
     print(f"`{data['command']}` — torch {env['torch']}, {env['threads']} thread(s), load average "
           f"{env['loadavg_before'][0]:.1f} before / {env['loadavg_after'][0]:.1f} after; median of {data['repeats']} "
-          f"interleaved repeats; decode: {data['decode_method']}\n")
+          f"interleaved repeats{sample}; decode: {data['decode_method']}\n")
     print("| configuration | decode ms | prefill ms | train step ms | graph breaks (decode/prefill/train) |")
     print("|---|---|---|---|---|")
     for name, r in data["results"].items():

@@ -19,7 +19,7 @@ def test_quick_harness_writes_json_and_plot(tmp_path):
     finally:
         sys.path.pop(0)
     harness.main(["--quick", "--repeats", "1", "--warmup", "1", "--configs", "peft_eager,qpass,qpass_base",
-                  "--out", str(tmp_path), "--profile-rows", "5"])
+                  "--out", str(tmp_path), "--profile-rows", "5", "--min-sample-ms", "10"])
     data = json.loads((tmp_path / "latest.json").read_text())
     assert (tmp_path / "latest.png").stat().st_size > 0
     res = data["results"]
@@ -27,6 +27,7 @@ def test_quick_harness_writes_json_and_plot(tmp_path):
     for wl in ("decode", "prefill", "train"):
         assert res["qpass"][wl]["median_ms"] > 0 and res["qpass"][wl]["graph_breaks"] == 0
         assert res["peft_eager"][wl]["n"] == 1
+        assert all(1 <= r[wl]["calls_per_sample"] <= 50 for r in res.values() if wl in r)  # back-to-back calls
     assert "train" not in res["qpass_base"]  # adapters disabled: nothing to train
     assert any(b.startswith("gemv-cpu") for b in res["qpass"]["base_lowering"])  # decode, on the library layout
     assert any("dequant-cpu" in b for b in res["qpass"]["base_lowering"])  # prefill, training: C++ unpack + GEMM
