@@ -10,6 +10,8 @@ Configurations (all bf16, LoRA r=16 alpha=32 on all 7 projections, 4-bit group 1
                      (inference only: the layer locks its mode on its first forward)
   qpass              qpass.compile (LoRA), inductor
   qpass_base         qpass with every adapter disabled (the quantized base, qpass-lowered), compiled
+  qpass_bf16_adapters  qpass with the LoRA weights in bfloat16 (prepare(adapter_dtype=torch.bfloat16)); not a
+                     target row: the targets use float32 adapters, PEFT's default
   base_eager         the quantized model without adapters, gptqmodel TorchLinear, eager
   base_compiled      same, torch.compile (graph breaks in the library; not in the default set, qpass_base is the
                      compiled quantized base)
@@ -58,7 +60,8 @@ QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
              num_key_value_heads=4, vocab_size=256)
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORKLOADS = ("decode", "prefill", "train")
-FULL_CONFIGS = ["peft_eager", "peft_compiled", "peft_aten_compiled", "qpass", "qpass_base", "qpass_int4pack", "base_eager",
+FULL_CONFIGS = ["peft_eager", "peft_compiled", "peft_aten_compiled", "qpass", "qpass_base", "qpass_bf16_adapters",
+                "qpass_int4pack", "base_eager",
                 "dense_lora_compiled", "qpass_awq", "peft_awq_eager", "peft_aten_awq_compiled"]
 QUICK_CONFIGS = ["peft_eager", "qpass", "qpass_base", "base_eager"]  # one compiled configuration family: fast
 DTYPE = torch.bfloat16
@@ -168,16 +171,18 @@ def make_configs(names, sizes, group, r):
 
     cfgs = []
 
-    def qpass_cfg(name, kind, base_only=False, base_layout="library"):
+    def qpass_cfg(name, kind, base_only=False, base_layout="library", adapter_dtype=torch.float32,
+                  workloads=WORKLOADS):
         model = build(kind, sizes, group)
-        qpass.prepare(model, qpass.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"), base_layout=base_layout)
+        qpass.prepare(model, qpass.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"), base_layout=base_layout,
+                      adapter_dtype=adapter_dtype)
         randomize_lora(model)
         if base_only:
             for site in model._qpass.sites.values():
                 site.disabled = True
         compiled = torch.compile(model, backend=qpass.backend(), options={"guard_filter_fn": qpass.guard_filter})  # as qpass.compile
         return Config(name, model, compiled, qpass_model=model, group="awq" if "awq" in kind else "gptq",
-                      workloads=("decode", "prefill") if base_only else WORKLOADS,
+                      workloads=("decode", "prefill") if base_only else workloads,
                       note="adapters disabled: nothing to train" if base_only else "")
 
     for name in names:
@@ -198,6 +203,8 @@ def make_configs(names, sizes, group, r):
             cfgs.append(qpass_cfg(name, "gptq_torch"))
         elif name == "qpass_base":
             cfgs.append(qpass_cfg(name, "gptq_torch", base_only=True))
+        elif name == "qpass_bf16_adapters":  # prepare(adapter_dtype=torch.bfloat16): half the adapter bytes
+            cfgs.append(qpass_cfg(name, "gptq_torch", adapter_dtype=torch.bfloat16, workloads=("decode", "prefill")))
         elif name == "qpass_int4pack":  # 4-bit weights held once, in the int4 kernel's layout
             cfgs.append(qpass_cfg(name, "gptq_torch", base_layout="int4pack"))
         elif name == "base_eager":

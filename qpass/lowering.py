@@ -491,13 +491,16 @@ REDUCE_MAX_ROWS = 1  # adapter matmuls with at most this many rows (static) use 
 # keeps PEFT's arithmetic (the adapter gradients stay in float32). False: always the separate form.
 FOLD_UP = True
 
-# gemv-cpu graphs that need no gradient (decode steps) hand each site's float32 LoRA (A, B, scaling) to the
-# kernel: it computes t = x A^T for all siblings, then adds scaling * t B^T to each column block's float32
-# accumulator before its one store, so the whole site is one pass over its weights instead of a kernel call
-# plus a few small fused loops per sibling group. The adapter arithmetic stays float32 as PEFT's; the sum with
-# the base is rounded once to the activation dtype (PEFT rounds the base output first: at most one ulp of
-# the output apart). False: the separate form.
+# gemv-cpu graphs that need no gradient (decode steps) hand each site's LoRA (A, B, scaling) to the kernel: it
+# computes t = x A^T for all siblings, then adds scaling * t B^T to each column block's float32 accumulator
+# before its one store, so the whole site is one pass over its weights instead of a kernel call plus a few
+# small fused loops per sibling group. The adapter arithmetic is float32 as PEFT's for float32 adapters; the
+# sum with the base is rounded once to the activation dtype (PEFT rounds the base output first: at most one
+# ulp of the output apart). bfloat16 adapters (prepare(adapter_dtype=torch.bfloat16)) are read as they are
+# (half the bytes per decode step) and multiplied in float32: PEFT instead rounds t and the delta to
+# bfloat16, so this is the more exact of the two. False: the separate form.
 GEMV_LORA = True
+GEMV_LORA_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _downs(xa, ps, ranks, reduce):
@@ -537,7 +540,7 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     def fn(x, xa, bases, adapters, kernel=()):
         kernel = list(kernel)
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
-        if gemv_lora and all(p["lora_A.weight"].dtype == p["lora_B.weight"].dtype == torch.float32 for p in ps):
+        if gemv_lora and all(p["lora_A.weight"].dtype == p["lora_B.weight"].dtype in GEMV_LORA_DTYPES for p in ps):
             return tuple(_cpp(sites, x, bases, lowering, [
                 (p["lora_A.weight"], p["lora_B.weight"], p["scaling"].float()) for p in ps]))
         if fold:

@@ -73,13 +73,15 @@ def test_the_bf16_loop_is_built_where_the_cpu_has_it():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_gemv_adds_each_sites_lora(dtype, rows):
-    """Siblings of different ranks (each site's t at its own offset) and ranks over 16 (two vector loads)."""
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+def test_gemv_adds_each_sites_lora(dtype, rows, lora_dtype):
+    """Siblings of different ranks (each site's t at its own offset) and ranks over 16 (two vector loads);
+    bfloat16 A and B are read as they are and multiplied in float32 (the reference uses their exact values)."""
     layers = [_layer(256, n, 64, seed=n) for n in (128, 64, 224)]
     ranks = (4, 16, 21)
     torch.manual_seed(rows)
-    a = [torch.randn(r, 256) for r in ranks]
-    b = [torch.randn(q.scales.shape[1], r) for q, r in zip(layers, ranks)]
+    a = [torch.randn(r, 256).to(lora_dtype) for r in ranks]
+    b = [torch.randn(q.scales.shape[1], r).to(lora_dtype) for q, r in zip(layers, ranks)]
     scaling = [torch.tensor(v) for v in (0.5, 2.0, 0.125)]
     x = torch.randn(rows, 256, dtype=dtype)
     args = ([q.qweight for q in layers], [q.qzeros for q in layers], [q.scales for q in layers], 64)
@@ -93,8 +95,10 @@ def test_gemv_adds_each_sites_lora(dtype, rows):
     bound = torch.cat([_gemv_bound(x, q, 256) for q in layers], 1) + 16 * 2**-24 * mag
     ref = base + delta
     assert ((out.double() - ref).abs() <= _rounded(bound, ref, dtype)).all()
-    with pytest.raises(RuntimeError, match="site 1's LoRA must be float32 contiguous CPU tensors A \\(r, 256\\)"):
+    with pytest.raises(RuntimeError, match="site 1's LoRA must be contiguous CPU tensors A \\(r, 256\\)"):
         kernels.gptq4_gemv(x, *args, a, [b[0], b[0], b[2]], scaling)
+    with pytest.raises(RuntimeError, match="site 0's LoRA .* both float32 or both bfloat16"):
+        kernels.gptq4_gemv(x, *args, [a[0].half(), *a[1:]], [b[0].half(), *b[1:]], scaling)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -142,11 +146,15 @@ def test_compiled_decode_through_the_kernel_keeps_no_copy(dtype, targets):
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_inside_the_gemv_equals_the_separate_form(dtype, monkeypatch):
-    """lowering.GEMV_LORA: LoRA's float32 arithmetic inside the kernel, rounded once with the base, against
-    the separate form (the base rounded to the activation dtype, then the delta added: PEFT's order)."""
-    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                   (torch.bfloat16, torch.bfloat16)])
+def test_lora_inside_the_gemv_equals_the_separate_form(dtype, adapter_dtype, monkeypatch):
+    """lowering.GEMV_LORA: LoRA's arithmetic inside the kernel (float32, from float32 or bfloat16 adapters),
+    rounded once with the base, against the separate form (the base rounded to the activation dtype, then the
+    delta added: PEFT's order; for bfloat16 adapters PEFT's bfloat16 roundings of t and the delta too)."""
+    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                          adapter_dtype=adapter_dtype)
+    assert all(p.dtype == adapter_dtype for n, p in model.named_parameters() if "lora_" in n)
     randomize_adapters(model)
     ids = input_ids(batch=1, seq=1)
     ref, fused, _, _ = eager_and_compiled(model, ids)

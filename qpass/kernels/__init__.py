@@ -97,8 +97,9 @@ def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group
                scaling=()) -> torch.Tensor:
     """(M, sum N_i) = x (M, K) @ [W_1 | W_2 | ...], W_i the 4-bit GPTQ weights of site i, accumulated in
     float32 and rounded once to x's dtype (bfloat16 x; any other dtype is multiplied as, and returned in,
-    float32). With `lora_a`/`lora_b`/`scaling` (per site: float32 A (r_i, K), B (N_i, r_i), a one-element
-    scaling) site i's columns also get scaling_i * (x A_i^T) B_i^T, in float32, before that one rounding.
+    float32). With `lora_a`/`lora_b`/`scaling` (per site: A (r_i, K) and B (N_i, r_i), both float32 or both
+    bfloat16, and a one-element float32 scaling) site i's columns also get scaling_i * (x A_i^T) B_i^T, computed
+    in float32, before that one rounding.
     bfloat16 x takes the AVX512-BF16 loop where the CPU has it."""
     if x.dtype != torch.bfloat16:
         x = x.float()

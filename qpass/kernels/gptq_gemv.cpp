@@ -5,7 +5,8 @@
 //   y[m, n] = sum_k x[m, k] * s[k / G, n] * (q[k, n] - z[k / G, n])  (+ scaling * sum_j B[n, j] t[m, j])
 //   q[k, n] = (qweight[k / 8, n] >> 4 * (k % 8)) & 15      (packed along K, gptqmodel's order)
 //   z[g, n] = (qzeros[g, n / 8] >> 4 * (n % 8)) & 15        (packed along N; gptqmodel "v2" zeros)
-//   t[m, j] = sum_k A[j, k] x[m, k]                          (LoRA's down-projection, float32)
+//   t[m, j] = sum_k A[j, k] x[m, k]                          (LoRA's down-projection, in float32;
+//                                                             A, B float32 or bfloat16)
 //
 // Arithmetic. The codes are exact small integers. Per group, sum_k x (c + q) is accumulated in float32, and
 // the offset comes off once: sum x (q - z) = sum x (c + q) - (c + z) sum x, then times the group's scale.
@@ -50,8 +51,9 @@
 namespace {
 
 struct Lora {
-  const float* a = nullptr;  // (r, K) row-major
-  const float* b = nullptr;  // (N, r) row-major
+  const void* a = nullptr;  // (r, K) row-major, float32 or bfloat16 (as b)
+  const void* b = nullptr;  // (N, r) row-major
+  bool bf16 = false;        // A and B are bfloat16 (an adapter kept in the model's dtype), else float32
   float scaling = 0.f;
   int64_t r = 0;
   int64_t t_offset = 0;  // this site's first column in the (M, sum r) buffer t
@@ -99,20 +101,34 @@ inline void load_zeros(const Site& s, int64_t g, int64_t n0, int32_t* out, int c
     for (int j = 0; j < 8; j++) out[w * 8 + j] = (words[w] >> (4 * j)) & 15;
 }
 
-// dot(a, b) over r float32 values.
-inline float dot(const float* a, const float* b, int64_t r) {
+#if defined(__AVX512F__)
+// n <= 16 values from p as float32, zeros after them (bfloat16 -> float32 is exact).
+inline __m512 load16(const float* p, int64_t n) {
+  return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+inline __m512 load16(const c10::BFloat16* p, int64_t n) {
+  __m256i h;
+  if (n >= 16) {
+    h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else {
+    alignas(32) uint16_t tail[16] = {};
+    std::memcpy(tail, p, sizeof(uint16_t) * n);
+    h = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+  }
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// dot(a, b) over r values (a float32 or bfloat16, b float32), in float32.
+template <typename T>
+inline float dot(const T* a, const float* b, int64_t r) {
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= r; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
-  if (j < r) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (r - j)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), acc);
-  }
+  for (int64_t j = 0; j < r; j += 16) acc = _mm512_fmadd_ps(load16(a + j, r - j), load16(b + j, r - j), acc);
   return _mm512_reduce_add_ps(acc);
 #else
   float acc = 0.f;
-  for (int64_t j = 0; j < r; j++) acc += a[j] * b[j];
+  for (int64_t j = 0; j < r; j++) acc += static_cast<float>(a[j]) * b[j];
   return acc;
 #endif
 }
@@ -143,14 +159,14 @@ struct Reduce16 {
   }
 };
 
-// sum_j t[j] B[c, j] for the 16 rows c of b (row stride r), r > 0.
-inline __m512 up16(const Reduce16& reduce, const float* b, int64_t r, const float* t) {
+// sum_j t[j] B[c, j] for the 16 rows c of b (row stride r, float32 or bfloat16), r > 0.
+template <typename T>
+inline __m512 up16(const Reduce16& reduce, const T* b, int64_t r, const float* t) {
   __m512 v[16];
   for (int c = 0; c < 16; c++) v[c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < r; j += 16) {
-    const __mmask16 mk = r - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (r - j)) - 1);
-    const __m512 tt = _mm512_maskz_loadu_ps(mk, t + j);
-    for (int c = 0; c < 16; c++) v[c] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, b + c * r + j), tt, v[c]);
+    const __m512 tt = load16(t + j, r - j);
+    for (int c = 0; c < 16; c++) v[c] = _mm512_fmadd_ps(load16(b + c * r + j, r - j), tt, v[c]);
   }
   return reduce(v);
 }
@@ -347,13 +363,14 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
     if (lora) {
       const auto &a = lora_a[i], &b = lora_b[i], &s = scaling[i];
       const int64_t r = a.dim() == 2 ? a.size(0) : -1;
-      TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat &&
-                      a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() && b.device().is_cpu() &&
-                      s.device().is_cpu() && r > 0 && a.size(1) == K && b.dim() == 2 && b.size(0) == ns[i] &&
-                      b.size(1) == r && s.numel() == 1,
-                  "qpass gptq4_gemv: site ", i, "'s LoRA must be float32 contiguous CPU tensors A (r, ", K,
-                  "), B (", ns[i], ", r) and a one-element scaling");
-      site.lora = Lora{a.data_ptr<float>(), b.data_ptr<float>(), s.data_ptr<float>()[0], r, rt};
+      const bool half = a.scalar_type() == at::kBFloat16;
+      TORCH_CHECK((a.scalar_type() == at::kFloat || half) && b.scalar_type() == a.scalar_type() &&
+                      s.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() &&
+                      b.device().is_cpu() && s.device().is_cpu() && r > 0 && a.size(1) == K && b.dim() == 2 &&
+                      b.size(0) == ns[i] && b.size(1) == r && s.numel() == 1,
+                  "qpass gptq4_gemv: site ", i, "'s LoRA must be contiguous CPU tensors A (r, ", K, "), B (", ns[i],
+                  ", r), both float32 or both bfloat16, and a one-element float32 scaling");
+      site.lora = Lora{a.data_ptr(), b.data_ptr(), half, s.data_ptr<float>()[0], r, rt};
       rt += r;
     }
     sites.push_back(site);
@@ -414,7 +431,10 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
     for (int64_t j = rt * p / T; j < rt * (p + 1) / T; j++) {
       const Site& s = *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
         return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
-      for (int64_t m = 0; m < M; m++) t[m * rt + j] = dot(s.lora.a + (j - s.lora.t_offset) * K, xf.data() + m * K, K);
+      const int64_t row = (j - s.lora.t_offset) * K;
+      for (int64_t m = 0; m < M; m++)
+        t[m * rt + j] = s.lora.bf16 ? dot(static_cast<const c10::BFloat16*>(s.lora.a) + row, xf.data() + m * K, K)
+                                    : dot(static_cast<const float*>(s.lora.a) + row, xf.data() + m * K, K);
     }
 #pragma omp barrier
     for (const Site& s : sites) {  // thread p: its share of every site's columns, in blocks of 16
@@ -428,8 +448,12 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
         for (; n + 16 <= n_end; n += 16) {  // 16 columns: sums, up-projection (16 dots at once), one rounding
           __m512 v = _mm512_loadu_ps(am + n);
           for (int q = 1; q < T; q++) v = _mm512_add_ps(v, _mm512_loadu_ps(am + q * M * total + n));
-          if (lora)
-            v = _mm512_fmadd_ps(_mm512_set1_ps(s.lora.scaling), up16(reduce, s.lora.b + n * s.lora.r, s.lora.r, tm), v);
+          if (lora) {
+            const int64_t at = n * s.lora.r;
+            const __m512 u = s.lora.bf16 ? up16(reduce, static_cast<const c10::BFloat16*>(s.lora.b) + at, s.lora.r, tm)
+                                         : up16(reduce, static_cast<const float*>(s.lora.b) + at, s.lora.r, tm);
+            v = _mm512_fmadd_ps(_mm512_set1_ps(s.lora.scaling), u, v);
+          }
           if (yb != nullptr) store_bf16(yb + m * total + s.col + n, v);
           else _mm512_storeu_ps(yf + m * total + s.col + n, v);
         }
@@ -437,7 +461,11 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
         for (; n < n_end; n++) {
           float v = 0.f;
           for (int q = 0; q < T; q++) v += am[q * M * total + n];
-          if (lora) v += s.lora.scaling * dot(s.lora.b + n * s.lora.r, tm, s.lora.r);
+          if (lora) {
+            const int64_t at = n * s.lora.r;
+            v += s.lora.scaling * (s.lora.bf16 ? dot(static_cast<const c10::BFloat16*>(s.lora.b) + at, tm, s.lora.r)
+                                               : dot(static_cast<const float*>(s.lora.b) + at, tm, s.lora.r));
+          }
           if (yb != nullptr) yb[m * total + s.col + n] = c10::BFloat16(v);  // round to nearest even
           else yf[m * total + s.col + n] = v;
         }
