@@ -503,6 +503,18 @@ GEMV_LORA = True
 GEMV_LORA_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def lowered_bases(sites: list, lowering: str):
+    """Sibling sites with no active adapter (all disabled) on one of qpass's C++ lowerings: their bases in
+    one kernel call (columns concatenated), as for fused LoRA siblings. Same signature as `lowered_group`."""
+
+    def fn(x, xa, bases, adapters, kernel=()):
+        return tuple(_cpp(sites, x, bases, lowering))
+
+    fn.__name__ = fn.__qualname__ = "qpass_bases_" + "_".join(s.path.rsplit(".", 1)[-1] for s in sites)
+    fn.qpass_constants = []
+    return fn
+
+
 def _downs(xa, ps, ranks, reduce):
     """Each LoRA site's down-projection xa @ A^T: per site in the multiply + sum form (`reduce`, which fuses per
     site; concatenating would copy every A) or alone, else one GEMM for every sibling."""

@@ -8,7 +8,8 @@ and derives the backward from the decomposition (the op's own autograd formula i
 The base computation of each site is chosen by `qpass.lowering.choose` (device, activation dtype, token
 count, whether the graph needs gradients). Sibling sites reading the same input with one LoRA adapter each
 (q/k/v; gate/up) become ONE node computing their down-projections as one matmul (and, with an int4 kernel,
-their bases as one kernel call); each former site node is replaced by a `getitem` of its output.
+their bases as one kernel call); so do siblings with their adapters disabled, on qpass's C++ kernels (one
+call for their bases). Each former site node is replaced by a `getitem` of its output.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
     for group in groups:
         sites = [_site.get(n.args[4]) for n in group]
         names = split_names(group[0].args[5])
-        fn, fused_base = _lowering.lowered_group(sites, names, chosen[group[0]], needs_grad)
+        if names:
+            fn, fused_base = _lowering.lowered_group(sites, names, chosen[group[0]], needs_grad)
+        else:  # no active adapter on any of them (disabled): one kernel call for their bases
+            fn, fused_base = _lowering.lowered_bases(sites, chosen[group[0]]), True
         bases = [list(n.args[2]) for n in group]
         adapters = [list(n.args[3]) for n in group]
         with gm.graph.inserting_before(group[0]):
-            args = (group[0].args[0], group[0].args[1][0], bases, adapters) + _constants(gm, fn)
+            xa = group[0].args[1][0] if group[0].args[1] else None
+            args = (group[0].args[0], xa, bases, adapters) + _constants(gm, fn)
             new = gm.graph.call_function(fn, args=args)
             new.meta.update(group[0].meta)
             outs = [gm.graph.call_function(operator.getitem, (new, i)) for i in range(len(group))]
@@ -125,15 +130,21 @@ def _input_key(x, xa):
 
 def _sibling_groups(gm, nodes, chosen) -> list:
     """Lists of site nodes with the same input x, the same single LoRA adapter (same names, policy and
-    dtype), equal adapter inputs and the same lowering, whose inputs all exist before the first of them."""
-    from .lowering import fusable
+    dtype), equal adapter inputs and the same lowering, whose inputs all exist before the first of them; and
+    lists of two or more sites with no active adapter (disabled) on the same input and one of qpass's C++
+    lowerings, which compute sibling bases in one call."""
+    from .lowering import CPP_LOWERINGS, fusable
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     buckets: dict = {}
+    bare: dict = {}
     for node in nodes:
         x, xa, base, adapter, site_id, names = node.args
         site = _site.get(site_id)
         split = split_names(names)
+        if isinstance(x, torch.fx.Node) and not split and not adapter and chosen[node] in CPP_LOWERINGS:
+            bare.setdefault((x, chosen[node], site.info.in_features), []).append(node)
+            continue
         if not isinstance(x, torch.fx.Node) or len(xa) != 1 or not fusable(site, split):
             continue
         key_xa = _input_key(x, xa[0])
@@ -143,7 +154,7 @@ def _sibling_groups(gm, nodes, chosen) -> list:
         key = (x, names, key_xa, site.policy(slot), slot.dtype, chosen[node], site.info.in_features)
         buckets.setdefault(key, []).append(node)
     groups = []
-    for group in buckets.values():
+    for group in [*buckets.values(), *(g for g in bare.values() if len(g) > 1)]:
         first = order[group[0]]
         flat = []
         # the fused node reads x, the FIRST site's adapter input, and every site's base and adapter tensors
