@@ -8,7 +8,7 @@ and derives the backward from the decomposition (the op's own autograd formula i
 The base computation of each site is chosen by `qpass.lowering.choose` (device, activation dtype, token
 count, whether the graph needs gradients). Sibling sites reading the same input with one LoRA adapter each
 (q/k/v; gate/up) become ONE node computing their down-projections as one matmul (and, with an int4 kernel,
-their bases as one kernel call); so do siblings with their adapters disabled, on qpass's C++ kernels (one
+their bases as one kernel call); so do siblings with no active adapter (disabled, or untargeted), on qpass's C++ kernels (one
 call for their bases). Each former site node is replaced by a `getitem` of its output.
 """
 
