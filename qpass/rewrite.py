@@ -143,7 +143,7 @@ def _sibling_groups(gm, nodes, chosen) -> list:
         site = _site.get(site_id)
         split = split_names(names)
         if isinstance(x, torch.fx.Node) and not split and not adapter and chosen[node] in CPP_LOWERINGS:
-            bare.setdefault((x, chosen[node], site.info.matcher, site.info.in_features), []).append(node)
+            bare.setdefault((x, chosen[node], id(site.info.matcher), site.info.in_features), []).append(node)
             continue
         if not isinstance(x, torch.fx.Node) or len(xa) != 1 or not fusable(site, split):
             continue

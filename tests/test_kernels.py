@@ -357,12 +357,14 @@ def test_awq_gemm_siblings_and_backward():
         kernels.awq4_mm(x.detach(), [layers[0].qweight[:64]], [layers[0].qzeros], [layers[0].scales], 32)
 
 
-@pytest.mark.parametrize("kind", ["awq", "gptq-int4pack"])
+@pytest.mark.parametrize("kind", ["awq", "awq-some-targets", "gptq-int4pack"])
 def test_compiled_prefill_and_training_of_other_layouts_through_the_gemm(kind):
-    """AWQ in its own packing and GPTQ held in the int4pack layout: prefill and a training step on dequant-cpu,
-    logits and adapter gradients equal to eager qpass."""
-    cfg = qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    if kind == "awq":
+    """AWQ in its own packing (every projection a target, or some: the untargeted siblings' bases fused into
+    one call) and GPTQ held in the int4pack layout: prefill and a training step on dequant-cpu, logits and
+    adapter gradients equal to eager qpass."""
+    targets = ["q_proj", "down_proj"] if kind == "awq-some-targets" else "all-linear"
+    cfg = qpass.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    if kind.startswith("awq"):
         dtype = torch.float32
         model = qpass.prepare(tiny_awq_llama(dtype=dtype), cfg)
     else:
