@@ -6,9 +6,9 @@ Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
 | name            | computes                                                         | where it is chosen by "auto" |
 |-----------------|------------------------------------------------------------------|------------------------------|
 | torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | layouts qpass's C++ kernels cannot take (act-order GPTQ in the library layout, other bit widths, CUDA training/prefill), or where the kernels could not be built |
-| gemv-cpu        | `qpass_kernels::gptq4_gemv` (qpass/kernels): reads gptqmodel's own 4-bit GPTQ packing, no copy; float32 accumulation, any activation dtype (bf16 through AVX512-BF16 dot products); siblings and their LoRA in one call | CPU, 4-bit GPTQ with groups in order (no act-order), out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
+| gemv-cpu        | `qpass_kernels::{gptq4,awq4}_gemv` (qpass/kernels/gemv.cpp): reads gptqmodel's own 4-bit GPTQ packing or AutoAWQ's GEMM packing, no copy; float32 accumulation, any activation dtype (bf16 through AVX512-BF16 dot products); siblings and their LoRA in one call | CPU, 4-bit GPTQ with groups in order (no act-order) or 4-bit AWQ with the group a multiple of 8, out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
 | dequant-cpu     | `qpass_kernels::{gptq4,awq4,int4pack}_mm` (qpass/kernels/dequant.cpp): the 4-bit codes unpacked by vector C++ straight into the activation dtype, in cache-sized column chunks, each multiplied by the GEMM library at once; bit-exact weights, no copy kept; siblings in one call; its backward (dx) unpacks again instead of saving the weight | CPU, prefill (> DECODE_MAX_TOKENS tokens) or training (and fp32/fp16 decode where gemv-cpu does not apply), for 4-bit GPTQ with groups in order, 4-bit AWQ (out_features % 16 == 0), and qpass.resident's int4pack layout; kernels built |
-| int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed; where gemv-cpu does not apply (AWQ, act-order GPTQ) |
+| int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed; where gemv-cpu does not apply (act-order GPTQ, AWQ with a group that is not a multiple of 8, or no C++ kernels) |
 | int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
 
 Why these rules (measured on the benchmark machine, see benchmarks/results/latest.json "kernels"): at one token the
@@ -290,7 +290,7 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     kind = x.device.type
     if requested in CPP_LOWERINGS:
         layout = _cpp_layout(site) if kind == "cpu" else None
-        ok = layout == "gptq4" or (layout is not None and requested == "dequant-cpu")
+        ok = _gemv_reads(site, layout) or (layout is not None and requested == "dequant-cpu")
         return requested if ok else "torch-dequant"
     if requested != "auto":
         want = requested.rsplit("-", 1)[-1]
@@ -298,7 +298,7 @@ def choose(site, x, needs_grad: bool, requested: str = "auto") -> str:
     tokens = _tokens(x)
     decode = tokens is not None and tokens <= DECODE_MAX_TOKENS and not needs_grad
     layout = _cpp_layout(site) if kind == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
-    if layout == "gptq4":
+    if _gemv_reads(site, layout):
         return "gemv-cpu" if decode else "dequant-cpu"
     if layout is not None and (not decode or x.dtype != torch.bfloat16):  # bf16 decode: aten's int4 kernel below
         return "dequant-cpu"
@@ -346,7 +346,7 @@ def _gptq_packing(info) -> bool:
 def _cpp_layout(site) -> Optional[str]:
     """Which layout of qpass's C++ kernels the site holds, if any (and the kernels are built here):
     "gptq4" — gptqmodel's 4-bit GPTQ packing, groups in order, N a multiple of 16 (gemv-cpu, dequant-cpu);
-    "awq4" — 4-bit AWQ packing, N a multiple of 16 (dequant-cpu);
+    "awq4" — 4-bit AWQ packing, N a multiple of 16 (dequant-cpu; gemv-cpu too with the group a multiple of 8);
     "int4pack" — qpass.resident's int4pack layout (dequant-cpu)."""
     info = site.info
     if info.matcher is layouts.awq:
@@ -362,6 +362,11 @@ def _cpp_layout(site) -> Optional[str]:
 
 
 _CPP_SCALES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _gemv_reads(site, layout: Optional[str]) -> bool:
+    """Whether gemv-cpu reads this site's weights: GPTQ, or AWQ with the group a multiple of 8."""
+    return layout == "gptq4" or (layout == "awq4" and site.info.group % 8 == 0)
 
 
 def _gptq4_ok(site) -> bool:
@@ -406,8 +411,9 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
         else:
             more = ([e.reshape(h.shape[0], -1) for e, _ in extras], [w for _, w in extras])
     if lowering == "gemv-cpu":
-        y = kernels.gptq4_gemv(h, [n["qweight"] for n in named], [n["qzeros"] for n in named],
-                               [n["scales"] for n in named], groups.pop(), *more)
+        op = kernels.awq4_gemv if sites[0].info.matcher is layouts.awq else kernels.gptq4_gemv
+        y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named],
+               groups.pop(), *more)
     elif sites[0].info.matcher is layouts.int4pack_resident:
         if "ret_idx" in named[0]:  # act-order: the codes' rows are in the permuted input order
             h = h.index_select(-1, named[0]["ret_idx"].long())

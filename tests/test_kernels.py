@@ -1,9 +1,9 @@
 """qpass's CPU kernels (qpass/kernels) on real gptqmodel layers.
 
-gptq4_gemv (decode): equals the library's own dequantized weight times x, for every row-blocking path (1 row,
-4-row blocks and their tails; 128-, 64- and 16-column blocks), group sizes, scale dtypes and sibling sites
-concatenated in one call; a compiled decode step of a tiny Llama through it equals eager qpass in fp32,
-fp16 and bf16 without keeping any copy.
+gptq4_gemv / awq4_gemv (decode): equal the library's own dequantized weight times x (gptqmodel's GPTQ
+packing, AutoAWQ's GEMM packing), for every row- and column-blocking path, group sizes, scale dtypes and
+sibling sites concatenated in one call; a compiled decode step of a tiny Llama through them equals eager
+qpass in fp32, fp16 and bf16 without keeping any copy.
 
 gptq4_dequant / gptq4_mm (prefill, training): the unpacked weight equals gptqmodel's dequantize cast to the
 activation dtype bit for bit (every scales x output dtype); the GEMM equals x @ that weight across column
@@ -30,33 +30,77 @@ def _layer(k, n, group, seed):
     return gptq_linear_from(torch.nn.Linear(k, n, bias=False), bits=4, group_size=group, sym=False)
 
 
-def _gemv_bound(x, q, k):
+# gemv: both layouts it reads. GPTQ: gptqmodel's packing (8 rows of K per word); AWQ: AutoAWQ's WQLinear_GEMM
+# (8 columns per word, interleaved).
+LAYOUTS = ["gptq", "awq"]
+AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ: the nibble of column i of a word
+GEMV = {"gptq": kernels.gptq4_gemv, "awq": kernels.awq4_gemv}
+
+
+def _gemv_layer(layout, k, n, group, seed):
+    if layout == "gptq":
+        return _layer(k, n, group, seed)
+    torch.manual_seed(seed)
+    return awq_linear_from(torch.nn.Linear(k, n, bias=False), bits=4, group_size=group)
+
+
+def _codes(layout, q):
+    """(codes (K, N), zero codes (G, N)) of a 4-bit layer, in column order, unpacked in plain torch."""
+    if layout == "awq":
+        unpack = lambda t: torch.stack([(t >> (4 * i)) & 15 for i in AWQ_NIBBLE], 2).reshape(t.shape[0], -1)
+        return unpack(q.qweight), unpack(q.qzeros)
+    k = q.qweight.shape[0] * 8
+    codes = torch.stack([(q.qweight >> (4 * j)) & 15 for j in range(8)], 1).reshape(k, -1)
+    zeros = torch.stack([(q.qzeros >> (4 * j)) & 15 for j in range(8)], 2).reshape(q.scales.shape[0], -1)
+    return codes, zeros
+
+
+def _exact(layout, q, scales=None):
+    """s * (q - z) in float64, no rounding."""
+    s = (q.scales if scales is None else scales).double()
+    codes, zeros = _codes(layout, q)
+    g = torch.arange(codes.shape[0]) // (codes.shape[0] // s.shape[0])
+    return s[g] * (codes - zeros[g]).double()
+
+
+def _gemv_args(qs, group):
+    return [q.qweight for q in qs], [q.qzeros for q in qs], [q.scales for q in qs], group
+
+
+def _gemv_bound(x, q, layout):
     """What gemv's float32 accumulation may be off by, per output: per group it sums x (c + q) and takes
     (c + z) sum x off (c = 16 in the bf16 loop, else 0), so the terms are |x| |s| (c + q) and |x| |s| (c + z):
     a few float32 ulps of their sum."""
     c = 16 if x.dtype == torch.bfloat16 and kernels.gemv_bf16_loop() else 0
+    codes, zeros = _codes(layout, q)
+    k = codes.shape[0]
     g = torch.arange(k) // (k // q.scales.shape[0])
-    codes = torch.stack([(q.qweight >> (4 * j)) & 15 for j in range(8)], 1).reshape(k, -1)
-    zeros = torch.stack([(q.qzeros >> (4 * j)) & 15 for j in range(8)], 2).reshape(q.scales.shape[0], -1)
     mag = q.scales.double().abs()[g] * (2 * c + codes + zeros[g]).double()
     return 8 * 2**-24 * (x.double().abs() @ mag) * k ** 0.5
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
 @pytest.mark.parametrize("k,n,group", [(256, 224, 32), (128, 128, 64), (384, 64, 128), (256, 32, 256)])
-def test_gemv_equals_the_library_weight(dtype, rows, k, n, group):
-    q = _layer(k, n, group, seed=rows + n)
-    info = match(q)
-    exact = dequantize(info, q.qweight, q.qzeros, q.scales.double(), q.g_idx)  # s * (q - z), no rounding
-    # ... which is gptqmodel's own dequantized weight before its float16 rounding
-    torch.testing.assert_close(exact.half(), q.dequantize_weight(), rtol=0, atol=0)
+def test_gemv_equals_the_library_weight(layout, dtype, rows, k, n, group):
+    """Every row-blocking path: GPTQ 1 row, 4-row blocks and their tails, 128-, 64- and 16-column blocks; AWQ
+    1 row, 2-row blocks, whole 128-column blocks and a tail of fewer words (224 = 128 + 96 columns)."""
+    q = _gemv_layer(layout, k, n, group, seed=rows + n)
+    exact = _exact(layout, q)
+    # ... which is the library's own dequantized weight before its float16 rounding
+    if layout == "gptq":
+        torch.testing.assert_close(exact.half(), q.dequantize_weight(), rtol=0, atol=0)
+    else:
+        from awq.utils.packing_utils import dequantize_gemm
+
+        torch.testing.assert_close(exact.half(), dequantize_gemm(q.qweight, q.qzeros, q.scales, 4, group), rtol=0, atol=0)
     x = torch.randn(rows, k, dtype=dtype)
-    out = kernels.gptq4_gemv(x, [q.qweight], [q.qzeros], [q.scales], group)
+    out = GEMV[layout](x, *_gemv_args([q], group))
     ref = x.double() @ exact
     assert out.dtype == dtype and out.shape == (rows, n)
     err = (out.double() - ref).abs()
-    assert (err <= _rounded(_gemv_bound(x, q, k), ref, dtype)).all(), err.max()
+    assert (err <= _rounded(_gemv_bound(x, q, layout), ref, dtype)).all(), err.max()
 
 
 def _rounded(bound, ref, dtype):
@@ -71,74 +115,85 @@ def test_the_bf16_loop_is_built_where_the_cpu_has_it():
     assert kernels.gemv_bf16_loop() == ("avx512_bf16" in flags.split())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
-def test_gemv_adds_each_sites_lora(dtype, rows, lora_dtype):
+def test_gemv_adds_each_sites_lora(layout, dtype, rows, lora_dtype):
     """Siblings of different ranks (each site's t at its own offset) and ranks over 16 (two vector loads);
     bfloat16 A and B are read as they are and multiplied in float32 (the reference uses their exact values)."""
-    layers = [_layer(256, n, 64, seed=n) for n in (128, 64, 224)]
+    layers = [_gemv_layer(layout, 256, n, 64, seed=n) for n in (128, 64, 224)]
     ranks = (4, 16, 21)
     torch.manual_seed(rows)
     a = [torch.randn(r, 256).to(lora_dtype) for r in ranks]
     b = [torch.randn(q.scales.shape[1], r).to(lora_dtype) for q, r in zip(layers, ranks)]
     scaling = [torch.tensor(v) for v in (0.5, 2.0, 0.125)]
     x = torch.randn(rows, 256, dtype=dtype)
-    args = ([q.qweight for q in layers], [q.qzeros for q in layers], [q.scales for q in layers], 64)
-    out = kernels.gptq4_gemv(x, *args, a, b, scaling)
+    args = _gemv_args(layers, 64)
+    gemv = GEMV[layout]
+    out = gemv(x, *args, a, b, scaling)
     assert out.dtype == dtype
-    base = torch.cat([x.double() @ dequantize(match(q), q.qweight, q.qzeros, q.scales.double(), q.g_idx) for q in layers], 1)
+    base = torch.cat([x.double() @ _exact(layout, q) for q in layers], 1)
     delta = torch.cat([s.double() * (x.double() @ ai.double().t()) @ bi.double().t() for ai, bi, s in zip(a, b, scaling)], 1)
     mag = torch.cat([s.double() * (x.double().abs() @ ai.double().abs().t()) @ bi.double().abs().t()
                      for ai, bi, s in zip(a, b, scaling)], 1)
     # the base as without LoRA; the LoRA part in float32: ulps of sum |t||B|; one rounding of the sum
-    bound = torch.cat([_gemv_bound(x, q, 256) for q in layers], 1) + 16 * 2**-24 * mag
+    bound = torch.cat([_gemv_bound(x, q, layout) for q in layers], 1) + 16 * 2**-24 * mag
     ref = base + delta
     assert ((out.double() - ref).abs() <= _rounded(bound, ref, dtype)).all()
     with pytest.raises(RuntimeError, match="site 1's LoRA must be contiguous CPU tensors A \\(r, 256\\)"):
-        kernels.gptq4_gemv(x, *args, a, [b[0], b[0], b[2]], scaling)
+        gemv(x, *args, a, [b[0], b[0], b[2]], scaling)
     with pytest.raises(RuntimeError, match="site 0's LoRA .* both float32 or both bfloat16"):
-        kernels.gptq4_gemv(x, *args, [a[0].half(), *a[1:]], [b[0].half(), *b[1:]], scaling)
+        gemv(x, *args, [a[0].half(), *a[1:]], [b[0].half(), *b[1:]], scaling)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_siblings_in_one_call_equal_separate_calls(scale_dtype):
-    layers = [_layer(128, n, 32, seed=n) for n in (128, 32, 64)]
+def test_siblings_in_one_call_equal_separate_calls(layout, scale_dtype):
+    layers = [_gemv_layer(layout, 128, n, 32, seed=n) for n in (128, 32, 64)]
     x = torch.randn(2, 128)
     scales = [q.scales.to(scale_dtype) for q in layers]
-    together = kernels.gptq4_gemv(x, [q.qweight for q in layers], [q.qzeros for q in layers], scales, 32)
-    apart = [kernels.gptq4_gemv(x, [q.qweight], [q.qzeros], [s], 32) for q, s in zip(layers, scales)]
+    gemv = GEMV[layout]
+    together = gemv(x, [q.qweight for q in layers], [q.qzeros for q in layers], scales, 32)
+    apart = [gemv(x, [q.qweight], [q.qzeros], [s], 32) for q, s in zip(layers, scales)]
     torch.testing.assert_close(together, torch.cat(apart, 1), rtol=0, atol=0)
-    g = torch.arange(128) // 32
     for q, s, y in zip(layers, scales, apart):
-        codes = torch.stack([(q.qweight >> (4 * j)) & 15 for j in range(8)], 1).reshape(128, -1)
-        zeros = torch.stack([(q.qzeros >> (4 * j)) & 15 for j in range(8)], 2).reshape(4, -1)
-        w = s.double()[g] * (codes - zeros[g]).double()
-        torch.testing.assert_close(y.double(), x.double() @ w, rtol=0, atol=1e-4)
+        torch.testing.assert_close(y.double(), x.double() @ _exact(layout, q, s), rtol=0, atol=1e-4)
 
 
 def test_bad_input_names_the_site_and_the_layout():
     q = _layer(128, 64, 32, seed=0)
-    with pytest.raises(RuntimeError, match="site 1 is not 4-bit GPTQ packing"):
+    with pytest.raises(RuntimeError, match="gptq4_gemv: site 1 is not 4-bit GPTQ packing"):
         kernels.gptq4_gemv(torch.randn(1, 128), [q.qweight, q.qweight[:, :8]], [q.qzeros, q.qzeros], [q.scales, q.scales], 32)
     with pytest.raises(RuntimeError, match="group 48 must be a multiple of 8 dividing in_features 128"):
         kernels.gptq4_gemv(torch.randn(1, 128), [q.qweight], [q.qzeros], [q.scales], 48)
+    a = _gemv_layer("awq", 128, 64, 32, seed=0)
+    with pytest.raises(RuntimeError, match="awq4_gemv: site 0 is not 4-bit AWQ packing"):
+        kernels.awq4_gemv(torch.randn(1, 128), [q.qweight], [q.qzeros], [q.scales], 32)  # GPTQ's buffers
+    with pytest.raises(RuntimeError, match="awq4_gemv: group 4 must be a multiple of 8"):
+        kernels.awq4_gemv(torch.randn(1, 128), [a.qweight], [a.qzeros.repeat_interleave(8, 0)],
+                          [a.scales.repeat_interleave(8, 0)], 4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fake_kernel_matches_the_real_one(dtype):
-    q = _layer(128, 96, 32, seed=1)
-    x, args = torch.randn(3, 128, dtype=dtype), ([q.qweight], [q.qzeros], [q.scales], 32)
-    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_gemv, (x, *args, [], [], []))
+def test_fake_kernel_matches_the_real_one(layout, dtype):
+    q = _gemv_layer(layout, 128, 96, 32, seed=1)
+    x, args = torch.randn(3, 128, dtype=dtype), _gemv_args([q], 32)
+    op = getattr(torch.ops.qpass_kernels, f"{layout}4_gemv")
+    torch.library.opcheck(op, (x, *args, [], [], []))
     lora = ([torch.randn(4, 128)], [torch.randn(96, 4)], [torch.tensor(0.5)])
-    torch.library.opcheck(torch.ops.qpass_kernels.gptq4_gemv, (x, *args, *lora))
+    torch.library.opcheck(op, (x, *args, *lora))
 
 
-@pytest.mark.parametrize("dtype,targets", [(torch.float32, "all-linear"), (torch.float16, "all-linear"),
-                                           (torch.bfloat16, "all-linear"), (torch.bfloat16, ["q_proj", "down_proj"])])
-def test_compiled_decode_through_the_kernel_keeps_no_copy(dtype, targets):
-    """All sites LoRA (siblings fused into one kernel call), or some base-only sites (one call each)."""
-    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+@pytest.mark.parametrize("layout,dtype,targets", [
+    ("gptq", torch.float32, "all-linear"), ("gptq", torch.float16, "all-linear"), ("gptq", torch.bfloat16, "all-linear"),
+    ("gptq", torch.bfloat16, ["q_proj", "down_proj"]), ("awq", torch.float16, "all-linear"),
+    ("awq", torch.bfloat16, "all-linear"), ("awq", torch.bfloat16, ["q_proj", "down_proj"])])
+def test_compiled_decode_through_the_kernel_keeps_no_copy(layout, dtype, targets):
+    """All sites LoRA (siblings fused into one kernel call), or some base-only sites."""
+    base = make_model(dtype) if layout == "gptq" else tiny_awq_llama(dtype=dtype)
+    model = qpass.prepare(base, qpass.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     randomize_adapters(model)
     ref, out, bases, _ = eager_and_compiled(model, input_ids(batch=1, seq=1))
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
@@ -146,13 +201,15 @@ def test_compiled_decode_through_the_kernel_keeps_no_copy(dtype, targets):
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
 
 
-@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                                   (torch.bfloat16, torch.bfloat16)])
-def test_lora_inside_the_gemv_equals_the_separate_form(dtype, adapter_dtype, monkeypatch):
+@pytest.mark.parametrize("layout,dtype,adapter_dtype", [
+    ("gptq", torch.float32, torch.float32), ("gptq", torch.bfloat16, torch.float32),
+    ("gptq", torch.bfloat16, torch.bfloat16), ("awq", torch.bfloat16, torch.float32)])
+def test_lora_inside_the_gemv_equals_the_separate_form(layout, dtype, adapter_dtype, monkeypatch):
     """lowering.GEMV_LORA: LoRA's arithmetic inside the kernel (float32, from float32 or bfloat16 adapters),
     rounded once with the base, against the separate form (the base rounded to the activation dtype, then the
     delta added: PEFT's order; for bfloat16 adapters PEFT's bfloat16 roundings of t and the delta too)."""
-    model = qpass.prepare(make_model(dtype), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    base = make_model(dtype) if layout == "gptq" else tiny_awq_llama(dtype=dtype)
+    model = qpass.prepare(base, qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                           adapter_dtype=adapter_dtype)
     assert all(p.dtype == adapter_dtype for n, p in model.named_parameters() if "lora_" in n)
     randomize_adapters(model)

@@ -1,7 +1,8 @@
 """qpass's own CPU kernels, built on this machine the first time a graph wants one.
 
-`gptq4_gemv(x, qweights, qzeros, scales, group[, lora_a, lora_b, scaling])` (gptq_gemv.cpp): a decode-step
-matmul (a few rows) that reads 4-bit GPTQ weights in gptqmodel's own packing, for every activation dtype
+`gptq4_gemv(x, qweights, qzeros, scales, group[, lora_a, lora_b, scaling])` and `awq4_gemv(...)` (gemv.cpp): a
+decode-step matmul (a few rows) that reads 4-bit GPTQ weights in gptqmodel's own packing, or AWQ weights in
+AutoAWQ's GEMM packing (autoawq's WQLinear_GEMM, gptqmodel's AWQ classes), for every activation dtype
 (bfloat16 x through AVX512-BF16 dot products where the CPU has them, returned in bfloat16; others multiplied
 and returned as float32), optionally with each site's LoRA added in the same call. The int4 kernel aten
 ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its own layout — a second copy of every
@@ -31,7 +32,7 @@ from typing import Optional
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gptq_gemv.cpp", "dequant.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "dequant.cpp")]
 _HEADERS = [Path(__file__).with_name("packed_check.h")]  # in the build digest: a change rebuilds
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "ok": bool, "reason": str
@@ -84,13 +85,13 @@ def unavailable_reason() -> Optional[str]:
 
 
 _LIB = torch.library.Library("qpass_kernels", "DEF")
-_LIB.define("gptq4_gemv(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor[] lora_a, "
-            "Tensor[] lora_b, Tensor[] scaling) -> Tensor")
-
-
-@torch.library.register_fake("qpass_kernels::gptq4_gemv", lib=_LIB)
-def _(x, qweight, qzeros, scales, group, lora_a, lora_b, scaling):
-    return x.new_empty((x.shape[0], sum(q.shape[1] for q in qweight)))
+for _op in ("gptq4_gemv", "awq4_gemv"):
+    _LIB.define(f"{_op}(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor[] lora_a, "
+                "Tensor[] lora_b, Tensor[] scaling) -> Tensor")
+    torch.library.register_fake(
+        f"qpass_kernels::{_op}",
+        lambda x, qweight, qzeros, scales, group, lora_a, lora_b, scaling: x.new_empty(
+            (x.shape[0], sum(s.shape[1] for s in scales))), lib=_LIB)
 
 
 def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, lora_a=(), lora_b=(),
@@ -107,11 +108,21 @@ def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group
                                               list(lora_b), list(scaling))
 
 
+def awq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, lora_a=(), lora_b=(),
+              scaling=()) -> torch.Tensor:
+    """As `gptq4_gemv`, for 4-bit AWQ packing (qweight (K, N/8), AutoAWQ's column interleave); the group a
+    multiple of 8."""
+    if x.dtype != torch.bfloat16:
+        x = x.float()
+    return torch.ops.qpass_kernels.awq4_gemv(x.contiguous(), qweight, qzeros, scales, group, list(lora_a),
+                                             list(lora_b), list(scaling))
+
+
 _LIB.define("gemv_bf16_loop(Tensor device) -> bool")
 
 
 def gemv_bf16_loop() -> bool:
-    """Whether gptq4_gemv was built with its AVX512-BF16 loop (the build targets this machine's CPU)."""
+    """Whether the gemv kernels were built with their AVX512-BF16 loop (the build targets this machine's CPU)."""
     return torch.ops.qpass_kernels.gemv_bf16_loop(torch.empty(0))
 
 

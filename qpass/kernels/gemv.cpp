@@ -1,10 +1,13 @@
-// qpass_kernels::gptq4_gemv — a decode-step (few rows) matmul that reads 4-bit GPTQ weights in the library's
-// own packing, so that no repacked copy of the weights is kept (see qpass/kernels/__init__.py); optionally
-// with each site's LoRA added in the same call.
+// qpass_kernels::{gptq4,awq4}_gemv — a decode-step (few rows) matmul that reads 4-bit GPTQ or AWQ weights in
+// the library's own packing, so that no repacked copy of the weights is kept (see qpass/kernels/__init__.py);
+// optionally with each site's LoRA added in the same call.
 //
 //   y[m, n] = sum_k x[m, k] * s[k / G, n] * (q[k, n] - z[k / G, n])  (+ scaling * sum_j B[n, j] t[m, j])
-//   q[k, n] = (qweight[k / 8, n] >> 4 * (k % 8)) & 15      (packed along K, gptqmodel's order)
-//   z[g, n] = (qzeros[g, n / 8] >> 4 * (n % 8)) & 15        (packed along N; gptqmodel "v2" zeros)
+//   GPTQ (gptqmodel):  q[k, n] = (qweight[k / 8, n] >> 4 * (k % 8)) & 15          (packed along K)
+//   AWQ (AutoAWQ's GEMM packing, also gptqmodel's AWQ classes):
+//                      q[k, n] = (qweight[k, n / 8] >> 4 * nib(n % 8)) & 15       (packed along N, interleaved:
+//                      nib = {0, 4, 1, 5, 2, 6, 3, 7}, column i of a word sits in nibble nib(i))
+//   z[g, n] = (qzeros[g, n / 8] >> 4 * (n % 8)) & 15 (GPTQ, "v2" zeros), >> 4 * nib(n % 8) (AWQ)
 //   t[m, j] = sum_k A[j, k] x[m, k]                          (LoRA's down-projection, in float32;
 //                                                             A, B float32 or bfloat16)
 //
@@ -14,21 +17,27 @@
 //  * bfloat16 x on CPUs with AVX512-BF16: c = 16. Two codes per 32-bit lane become the bfloat16 numbers 16 + q
 //    (the code put in the mantissa under the exponent of 16: a shift and one bitwise op for 32 codes), and
 //    vdpbf16ps multiplies them with pairs of x, accumulating in float32 (bf16 x bf16 products are exact).
-//    About a third of the instructions per code of the float32 loop.
+//    About a third of the instructions per code of the float32 loop. A GPTQ word already holds 8 rows of
+//    one column, so its pairs are rows (k, k + 4) of a word; an AWQ word holds 8 columns of one row, so two
+//    rows' words are first interleaved 16 bits at a time (one shift and one blend per 2 x 16 words), pairing
+//    rows (k, k + 1) of the same columns.
 // The error is a few float32 ulps of sum |x| s (c + q + z) (tests/test_kernels.py), far below a bfloat16
 // output's rounding.
 //
 // Memory order. A decode step streams the whole model's weights from memory, so the reads run along the
-// packed rows: each thread takes a contiguous range of rows (K / 8 words each) and reads it front to back, 8
-// rows at a time across all of a site's columns (the 8 rows' float32 partial sums stay in registers, then go
-// to a per-thread buffer), then takes each group's scale and zero offset off at once. One pass then adds the
-// threads' sums and LoRA's up-projection and stores in x's dtype, 16 columns at a time (the 16 dot products of
-// B's rows with t reduced together by a permute tree, not one horizontal sum per column: about 0.06 ms less
-// per decode step of the benchmark model, with or without LoRA). All of it in one parallel region (a decode
-// step makes 16 of these calls; each fork/join costs microseconds). Measured on the benchmark model's 16
-// decode-step calls (25 MiB of weights, 2 threads, interleaved): 1.0-1.4 ms, against 1.9-2.3 ms for the
-// previous kernel, which walked each 128-column block down all K rows (a new page every 512 bytes).
-// Sibling sites that read the same input (q/k/v) run in one call, their output columns concatenated.
+// packed rows: each thread takes a contiguous range of rows and reads it front to back, a few rows at a time
+// across all of a site's columns (GPTQ: 8 word rows = 64 of K, 32 N bytes; AWQ: 64 rows of K), the
+// partial sums in registers over those rows, then in a per-thread buffer; then takes each group's scale and
+// zero offset off at once. An AWQ block of 16 words (128 columns) keeps 8 accumulators by nibble, so its
+// partial sums sit out of column order (AwqSlots) until the group's correction reads them back in order. One
+// pass then adds the threads' sums and LoRA's up-projection and stores in x's dtype, 16 columns at a time
+// (the 16 dot products of B's rows with t reduced together by a permute tree, not one horizontal sum per
+// column: about 0.06 ms less per decode step of the benchmark model, with or without LoRA). All of it in one
+// parallel region (a decode step makes 16 of these calls; each fork/join costs microseconds). Measured on the
+// benchmark model's 16 decode-step calls (25 MiB of weights, 2 threads, interleaved): 1.0-1.4 ms, against
+// 1.9-2.3 ms for the previous kernel, which walked each 128-column block down all K rows (a new page every
+// 512 bytes). Sibling sites that read the same input (q/k/v) run in one call, their output columns
+// concatenated.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -67,12 +76,19 @@ struct Site {
   int64_t n;    // out features of this site
   int64_t col;  // its first column in the output
   Lora lora;
+  bool awq = false;  // AWQ packing (qweight (K, N/8), interleaved), else GPTQ (qweight (K/8, N))
 };
+
+constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // AWQ: the nibble of column i of a word
+
+// The shift of column n's code or zero point in its word.
+inline int zero_shift(const Site& s, int64_t n) { return 4 * (s.awq ? kAwqNibble[n % 8] : n % 8); }
 
 // What the row kernels read about x.
 struct Input {
   const float* x = nullptr;         // (M, K) float32
-  const uint32_t* pairs = nullptr;  // (M, K / 2), bf16 loop: for word row w, pair j < 4 = x[8w + j] | x[8w + j + 4] << 16
+  const uint32_t* pairs = nullptr;  // (M, K / 2), bf16 loop. GPTQ: for word row w, pair 4w + j (j < 4) =
+                                    // x[8w + j] | x[8w + j + 4] << 16; AWQ: pair i = x[2i] | x[2i + 1] << 16
   int64_t M = 0, K = 0;
   bool bf16 = false;
 };
@@ -98,7 +114,7 @@ inline void load_scales(const Site& s, int64_t i, float* out, int count) {
 inline void load_zeros(const Site& s, int64_t g, int64_t n0, int32_t* out, int count) {
   const int32_t* words = s.qzeros + g * (s.n / 8) + n0 / 8;
   for (int w = 0; w < count / 8; w++)
-    for (int j = 0; j < 8; j++) out[w * 8 + j] = (words[w] >> (4 * j)) & 15;
+    for (int j = 0; j < 8; j++) out[w * 8 + j] = (words[w] >> zero_shift(s, j)) & 15;
 }
 
 #if defined(__AVX512F__)
@@ -274,6 +290,128 @@ inline void rows(const Site& s, const Input& in, float* part, int64_t ldp, int64
   rows_f32<V, MR>(s, in, part, ldp, w0, nr, n0, m0, mr);
 }
 
+// ---- AWQ row kernels: the block's 128 partial sums part[m * ldp + slot] += sum_k x[m0 + m, k] * (c + q[k, column])
+// ---- over rows k0..k0+nr-1, words l < nw <= 16 of a block (128 columns), rows m < mr of x; which slot holds
+// ---- which column depends on the loop (AwqSlots).
+
+template <int MR>
+inline void awq_rows_f32(const Site& s, const Input& in, float* part, int64_t ldp, int64_t k0, int nr, int64_t b0,
+                         int nw, int64_t m0, int mr) {
+  const int32_t* words = s.qweight + b0;
+  const int64_t wpr = s.n / 8;
+#if defined(__AVX512F__)
+  const __mmask16 live = nw >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nw) - 1);
+  __m512 p[MR][8];
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < 8; j++) p[m][j] = _mm512_loadu_ps(part + m * ldp + 16 * j);
+  const __m512i mask = _mm512_set1_epi32(15);
+  for (int64_t k = k0; k < k0 + nr; k++) {
+    const __m512i r = _mm512_maskz_loadu_epi32(live, words + k * wpr);
+    __m512 xv[MR];
+    for (int m = 0; m < mr; m++) xv[m] = _mm512_set1_ps(in.x[(m0 + m) * in.K + k]);
+    for (int j = 0; j < 8; j++) {
+      const __m512 qf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(r, 4 * j), mask));
+      for (int m = 0; m < mr; m++) p[m][j] = _mm512_fmadd_ps(xv[m], qf, p[m][j]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < 8; j++) _mm512_storeu_ps(part + m * ldp + 16 * j, p[m][j]);
+#else
+  for (int64_t k = k0; k < k0 + nr; k++)
+    for (int l = 0; l < nw; l++) {
+      const int32_t word = words[k * wpr + l];
+      for (int j = 0; j < 8; j++)
+        for (int m = 0; m < mr; m++)
+          part[m * ldp + 16 * j + l] += in.x[(m0 + m) * in.K + k] * static_cast<float>((word >> (4 * j)) & 15);
+    }
+#endif
+}
+
+#if defined(__AVX512BF16__)
+// Nibble J of each 16-bit half of the interleaved rows u, v as bfloat16 pairs 16 + q[k], 16 + q[k + 1], times
+// the pair (x[k], x[k + 1]), into block `blk`'s accumulators.
+template <int J, int MR, int B>
+inline void awq_dp_step(__m512i u, __m512i v, __m512 (&p)[MR][B][8], const __m512i (&xv)[MR], int blk, int mr) {
+  const __m512i a = codes16<J>(u), b = codes16<J>(v);
+  for (int m = 0; m < mr; m++) {
+    p[m][blk][J] = _mm512_dpbf16_ps(p[m][blk][J], (__m512bh)a, (__m512bh)xv[m]);
+    p[m][blk][4 + J] = _mm512_dpbf16_ps(p[m][blk][4 + J], (__m512bh)b, (__m512bh)xv[m]);
+  }
+}
+
+// B blocks of 16 words at once (the last one nw words): one row of x takes two (16 accumulators), more rows one.
+template <int MR, int B>
+inline void awq_rows_bf16(const Site& s, const Input& in, float* part, int64_t ldp, int64_t k0, int nr, int64_t b0,
+                          int nw, int64_t m0, int mr) {
+  const int32_t* words = s.qweight + b0;
+  const int64_t wpr = s.n / 8;
+  __mmask16 live[B];
+  for (int blk = 0; blk < B; blk++) {
+    const int w = blk == B - 1 ? nw : 16;
+    live[blk] = w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << w) - 1);
+  }
+  __m512 p[MR][B][8];
+  for (int m = 0; m < mr; m++)
+    for (int blk = 0; blk < B; blk++)
+      for (int j = 0; j < 8; j++) p[m][blk][j] = _mm512_loadu_ps(part + m * ldp + 128 * blk + 16 * j);
+  for (int64_t k = k0; k < k0 + nr; k += 2) {  // nr is even (segments are whole word rows of 8)
+    __m512i xv[MR];
+    for (int m = 0; m < mr; m++)
+      xv[m] = _mm512_set1_epi32(static_cast<int>(in.pairs[(m0 + m) * (in.K / 2) + k / 2]));
+    for (int blk = 0; blk < B; blk++) {
+      const __m512i a = _mm512_maskz_loadu_epi32(live[blk], words + k * wpr + 16 * blk);
+      const __m512i b = _mm512_maskz_loadu_epi32(live[blk], words + (k + 1) * wpr + 16 * blk);
+      // the two rows' 16-bit halves interleaved: per 128 bits, u's lanes are (row k | row k + 1) of word 0's
+      // low half, word 0's high half, word 1's low, word 1's high; v the same for words 2 and 3 (AwqSlots)
+      const __m512i u = _mm512_unpacklo_epi16(a, b), v = _mm512_unpackhi_epi16(a, b);
+      awq_dp_step<0>(u, v, p, xv, blk, mr);
+      awq_dp_step<1>(u, v, p, xv, blk, mr);
+      awq_dp_step<2>(u, v, p, xv, blk, mr);
+      awq_dp_step<3>(u, v, p, xv, blk, mr);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int blk = 0; blk < B; blk++)
+      for (int j = 0; j < 8; j++) _mm512_storeu_ps(part + m * ldp + 128 * blk + 16 * j, p[m][blk][j]);
+}
+#endif
+
+template <int MR>
+inline void awq_rows(const Site& s, const Input& in, float* part, int64_t ldp, int64_t k0, int nr, int64_t b0, int nw,
+                     int64_t m0, int mr) {
+#if defined(__AVX512BF16__)
+  if (in.bf16) return awq_rows_bf16<MR, 1>(s, in, part, ldp, k0, nr, b0, nw, m0, mr);
+#endif
+  awq_rows_f32<MR>(s, in, part, ldp, k0, nr, b0, nw, m0, mr);
+}
+
+// Where column c (< 128) of an AWQ block keeps its partial sum (accumulator i, lane l: slot 16 i + l).
+//  * float32 loop: accumulator j holds nibble j of the block's 16 words (lane = word).
+//  * bfloat16 loop: accumulators 0-3 hold nibble J (u) of words 0-1 of each 128-bit quarter (lane 4 quarter +
+//    2 word + half, the half adding 4 to the nibble), 4-7 the same for words 2-3 (v).
+struct AwqSlots {
+  alignas(64) int32_t f32[128], bf16[128];
+  // bfloat16 loop, 16 columns (words 2t, 2t + 1: quarter t / 2, accumulators 4 (t % 2) + J): two permutes
+  // pick them from accumulators J = 0, 1 and J = 2, 3 (lane `pick`, + 16 for the odd J), a blend (`odd_pair`,
+  // J >= 2) joins them. Three instructions instead of a gather (which cost ~10% of the call on Zen 4).
+  alignas(64) int32_t pick[4][16];
+  uint16_t odd_pair = 0;
+  AwqSlots() {
+    for (int c = 0; c < 128; c++) {
+      const int word = c / 8, nib = kAwqNibble[c % 8];
+      f32[c] = 16 * nib + word;
+      const int quarter = word / 4, pair = word % 4 / 2, w2 = word % 2, half = nib / 4;
+      bf16[c] = 16 * (4 * pair + nib % 4) + 4 * quarter + 2 * w2 + half;
+      if (c < 16) {
+        for (int q = 0; q < 4; q++) pick[q][c] = 16 * (nib % 2) + 4 * q + 2 * w2 + half;
+        if (nib % 4 >= 2) odd_pair |= static_cast<uint16_t>(1u << c);
+      }
+    }
+  }
+};
+
+constexpr int kAwqRows = 64;  // AWQ rows of K per pass over the partial sums (16 vs 32 vs 64: 64 fastest, by 0-8%)
+
 constexpr int kRows = 8;  // word rows (32 of K) per pass over the partial sums
 
 // acc[i] += s * (p[i] - (c + z) * sum), i < 16: group g's correction of columns [n0, n0 + 16).
@@ -281,7 +419,8 @@ inline void correct16(const Site& s, int64_t g, int64_t n0, const float* p, floa
 #if defined(__AVX512F__)
   const int32_t* words = s.qzeros + g * (s.n / 8) + n0 / 8;
   const __m512i zw = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(words[0]), _mm512_set1_epi32(words[1]));
-  const __m512i shift = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512i shift = s.awq ? _mm512_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28, 0, 16, 4, 20, 8, 24, 12, 28)
+                              : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
   const __m512 z = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(zw, shift), _mm512_set1_epi32(15)));
   const int64_t i = g * s.n + n0;
   __m512 sc;
@@ -341,25 +480,78 @@ void segment(const Site& s, const Input& in, const Segment& seg, float* part, fl
       correct16(s, seg.g, n0, part + m * N + n0, acc + m * ldy + s.col + n0, c, seg.sums[m]);
 }
 
-at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
-                      int64_t group, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling) {
+// AWQ's segment: the same sums, a block of 128 columns at a time; part (M, N rounded up to 128) holds each
+// block's sums out of column order (AwqSlots), read back in column order for the correction.
+void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part, float* acc, int64_t ldy) {
+  static const AwqSlots slots;
+  const int64_t M = in.M, N = s.n, ldp = (N + 127) / 128 * 128, wpr = N / 8;
+  std::fill(part, part + M * ldp, 0.f);
+  for (int64_t k = 8 * seg.w0; k < 8 * seg.w1; k += kAwqRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kAwqRows, 8 * seg.w1 - k));
+    for (int64_t b0 = 0; b0 < wpr; b0 += 16) {
+      const int nw = static_cast<int>(std::min<int64_t>(16, wpr - b0));
+      if (M == 1) {
+#if defined(__AVX512BF16__)
+        if (in.bf16 && wpr - b0 > 16) {  // two blocks (the second may be a tail)
+          awq_rows_bf16<1, 2>(s, in, part + 8 * b0, ldp, k, nr, b0, static_cast<int>(std::min<int64_t>(16, wpr - b0 - 16)), 0, 1);
+          b0 += 16;
+          continue;
+        }
+#endif
+        awq_rows<1>(s, in, part + 8 * b0, ldp, k, nr, b0, nw, 0, 1);
+        continue;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 2)
+        awq_rows<2>(s, in, part + m0 * ldp + 8 * b0, ldp, k, nr, b0, nw, m0, static_cast<int>(std::min<int64_t>(2, M - m0)));
+    }
+  }
+  const float c = in.bf16 ? kCodeOffset : 0.f;
+  const int32_t* at = in.bf16 ? slots.bf16 : slots.f32;
+  alignas(64) float v[16];
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+      const float* block = part + m * ldp + n0 / 128 * 128;
+#if defined(__AVX512F__)
+      if (in.bf16) {
+        const int64_t t = n0 % 128 / 16;
+        const float* acc4 = block + 16 * 4 * (t % 2);
+        const __m512i pick = _mm512_load_si512(slots.pick[t / 2]);
+        const __m512 j01 = _mm512_permutex2var_ps(_mm512_loadu_ps(acc4), pick, _mm512_loadu_ps(acc4 + 16));
+        const __m512 j23 = _mm512_permutex2var_ps(_mm512_loadu_ps(acc4 + 32), pick, _mm512_loadu_ps(acc4 + 48));
+        _mm512_store_ps(v, _mm512_mask_blend_ps(slots.odd_pair, j01, j23));
+      } else {
+        _mm512_store_ps(v, _mm512_i32gather_ps(_mm512_load_si512(at + n0 % 128), block, 4));
+      }
+#else
+      for (int i = 0; i < 16; i++) v[i] = block[at[n0 % 128 + i]];
+#endif
+      correct16(s, seg.g, n0, v, acc + m * ldy + s.col + n0, c, seg.sums[m]);
+    }
+}
+
+// gptq4_gemv (AWQ = false) and awq4_gemv (AWQ = true).
+template <bool AWQ>
+at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
+                     int64_t group, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling) {
+  const char* op = AWQ ? "awq4_gemv" : "gptq4_gemv";
   TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu() &&
                   (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
-              "qpass gptq4_gemv: x must be a 2-D float32 or bfloat16 CPU tensor");
+              "qpass ", op, ": x must be a 2-D float32 or bfloat16 CPU tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  const std::vector<int64_t> ns = qpass_kernels::check_packed("gptq4_gemv", false, K, qweight, qzeros, scales, group);
+  const std::vector<int64_t> ns = qpass_kernels::check_packed(op, AWQ, K, qweight, qzeros, scales, group);
+  TORCH_CHECK(group % 8 == 0, "qpass ", op, ": group ", group, " must be a multiple of 8");
   const bool lora = !lora_a.empty();
   TORCH_CHECK(!lora || (lora_a.size() == ns.size() && lora_b.size() == ns.size() && scaling.size() == ns.size()),
-              "qpass gptq4_gemv: one lora_a, lora_b and scaling per site, or none");
+              "qpass ", op, ": one lora_a, lora_b and scaling per site, or none");
   std::vector<Site> sites;
   int64_t total = 0, rt = 0, widest = 0;
   for (size_t i = 0; i < ns.size(); i++) {
     const auto& sc = scales[i];
     TORCH_CHECK(sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kBFloat16 || sc.scalar_type() == at::kFloat,
-                "qpass gptq4_gemv: scales must be float16, bfloat16 or float32");
+                "qpass ", op, ": scales must be float16, bfloat16 or float32");
     Site site{qweight[i].data_ptr<int32_t>(), qzeros[i].data_ptr<int32_t>(), sc.data_ptr(), sc.scalar_type(), ns[i],
-              total, Lora{}};
+              total, Lora{}, AWQ};
     if (lora) {
       const auto &a = lora_a[i], &b = lora_b[i], &s = scaling[i];
       const int64_t r = a.dim() == 2 ? a.size(0) : -1;
@@ -368,7 +560,7 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
                       s.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() &&
                       b.device().is_cpu() && s.device().is_cpu() && r > 0 && a.size(1) == K && b.dim() == 2 &&
                       b.size(0) == ns[i] && b.size(1) == r && s.numel() == 1,
-                  "qpass gptq4_gemv: site ", i, "'s LoRA must be contiguous CPU tensors A (r, ", K, "), B (", ns[i],
+                  "qpass ", op, ": site ", i, "'s LoRA must be contiguous CPU tensors A (r, ", K, "), B (", ns[i],
                   ", r), both float32 or both bfloat16, and a one-element float32 scaling");
       site.lora = Lora{a.data_ptr(), b.data_ptr(), half, s.data_ptr<float>()[0], r, rt};
       rt += r;
@@ -385,7 +577,11 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
   if (bf16) {
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     for (int64_t i = 0; i < M * K; i++) xf[i] = c10::BFloat16(xb[i], c10::BFloat16::from_bits());
-    if (kBf16Loop)
+    if (kBf16Loop && AWQ)
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < K / 2; i++)
+          pairs[m * (K / 2) + i] = xb[m * K + 2 * i] | static_cast<uint32_t>(xb[m * K + 2 * i + 1]) << 16;
+    else if (kBf16Loop)
       for (int64_t m = 0; m < M; m++)
         for (int64_t w = 0; w < K / 8; w++)
           for (int j = 0; j < 4; j++)
@@ -415,7 +611,7 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
 #pragma omp parallel num_threads(threads)
   {
     const int p = omp_get_thread_num(), T = omp_get_num_threads();
-    std::vector<float> part(static_cast<size_t>(M * widest));
+    std::vector<float> part(static_cast<size_t>(M * ((widest + 127) / 128 * 128)));  // AWQ: whole blocks
     const int64_t w_end = rows * (p + 1) / T;
     std::vector<Segment> segs;
     for (int64_t w0 = rows * p / T; w0 < w_end;) {
@@ -427,7 +623,8 @@ at::Tensor gptq4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::Tensor
       w0 = w1;
     }
     for (const Site& s : sites)
-      for (const Segment& seg : segs) segment(s, in, seg, part.data(), acc.data() + p * M * total, total);
+      for (const Segment& seg : segs)
+        (AWQ ? segment_awq : segment)(s, in, seg, part.data(), acc.data() + p * M * total, total);
     for (int64_t j = rt * p / T; j < rt * (p + 1) / T; j++) {
       const Site& s = *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
         return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
@@ -482,6 +679,7 @@ bool gemv_bf16_loop(const at::Tensor&) { return kBf16Loop; }
 
 // The schemas are defined in Python (qpass/kernels/__init__.py, with the fakes used while tracing).
 TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
-  m.impl("gptq4_gemv", TORCH_FN(gptq4_gemv));
+  m.impl("gptq4_gemv", TORCH_FN(int4_gemv<false>));
+  m.impl("awq4_gemv", TORCH_FN(int4_gemv<true>));
   m.impl("gemv_bf16_loop", TORCH_FN(gemv_bf16_loop));
 }

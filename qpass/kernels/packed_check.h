@@ -1,4 +1,4 @@
-// The input check both of qpass's kernels over gptqmodel / AutoAWQ int32 packings share (gptq_gemv.cpp,
+// The input check both of qpass's kernels over gptqmodel / AutoAWQ int32 packings share (gemv.cpp,
 // dequant.cpp): one message per way a site can be wrong, naming the op and the site.
 #pragma once
 
