@@ -19,14 +19,14 @@
 //    vdpbf16ps multiplies them with pairs of x, accumulating in float32 (bf16 x bf16 products are exact).
 //    About a third of the instructions per code of the float32 loop. A GPTQ word already holds 8 rows of
 //    one column, so its pairs are rows (k, k + 4) of a word; an AWQ word holds 8 columns of one row, so two
-//    rows' words are first interleaved 16 bits at a time (one shift and one blend per 2 x 16 words), pairing
-//    rows (k, k + 1) of the same columns.
+//    rows' words are first interleaved 16 bits at a time (vpunpcklwd / vpunpckhwd: two instructions per
+//    2 x 16 words), pairing rows (k, k + 1) of the same columns.
 // The error is a few float32 ulps of sum |x| s (c + q + z) (tests/test_kernels.py), far below a bfloat16
 // output's rounding.
 //
 // Memory order. A decode step streams the whole model's weights from memory, so the reads run along the
 // packed rows: each thread takes a contiguous range of rows and reads it front to back, a few rows at a time
-// across all of a site's columns (GPTQ: 8 word rows = 64 of K, 32 N bytes; AWQ: 64 rows of K), the
+// across all of a site's columns (GPTQ: 8 word rows = 64 of K; AWQ: 64 rows of K; 32 N bytes either way), the
 // partial sums in registers over those rows, then in a per-thread buffer; then takes each group's scale and
 // zero offset off at once. An AWQ block of 16 words (128 columns) keeps 8 accumulators by nibble, so its
 // partial sums sit out of column order (AwqSlots) until the group's correction reads them back in order. One
