@@ -410,8 +410,9 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
             more = tuple(list(part) for part in zip(*extras))
         else:
             more = ([e.reshape(h.shape[0], -1) for e, _ in extras], [w for _, w in extras])
+    awq = sites[0].info.matcher is layouts.awq
     if lowering == "gemv-cpu":
-        op = kernels.awq4_gemv if sites[0].info.matcher is layouts.awq else kernels.gptq4_gemv
+        op = kernels.awq4_gemv if awq else kernels.gptq4_gemv
         y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named],
                groups.pop(), *more)
     elif sites[0].info.matcher is layouts.int4pack_resident:
@@ -420,7 +421,7 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
         y = kernels.int4pack_mm(h, [n["qweight"] for n in named], [n["scales"] for n in named],
                                 [n["qpass_zero_codes"] for n in named], groups.pop(), int4pack_block_n(), *more)
     else:
-        op = kernels.awq4_mm if sites[0].info.matcher is layouts.awq else kernels.gptq4_mm
+        op = kernels.awq4_mm if awq else kernels.gptq4_mm
         y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named],
                groups.pop(), *more)
     y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

@@ -187,7 +187,7 @@ void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* 
 
 // ---- awq4 -------------------------------------------------------------------------------------------------
 
-constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // nibble of column i of a word
+using qpass_kernels::kAwqNibble;
 
 #if defined(__AVX512F__)
 // Columns [n, n + 16) of one row of AWQ words: lanes 0-7 read word n/8, lanes 8-15 word n/8 + 1, each

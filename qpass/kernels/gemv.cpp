@@ -79,7 +79,7 @@ struct Site {
   bool awq = false;  // AWQ packing (qweight (K, N/8), interleaved), else GPTQ (qweight (K/8, N))
 };
 
-constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // AWQ: the nibble of column i of a word
+using qpass_kernels::kAwqNibble;
 
 // The shift of column n's code or zero point in its word.
 inline int zero_shift(const Site& s, int64_t n) { return 4 * (s.awq ? kAwqNibble[n % 8] : n % 8); }
@@ -290,6 +290,16 @@ inline void rows(const Site& s, const Input& in, float* part, int64_t ldp, int64
   rows_f32<V, MR>(s, in, part, ldp, w0, nr, n0, m0, mr);
 }
 
+#if defined(__AVX512F__)
+// The first w (<= 16) lanes: the words of a block that exist (the last block of a row may be shorter).
+inline __mmask16 live_words(int w) {
+  return w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << w) - 1);
+}
+#endif
+
+// Row stride of the AWQ partial sums: N rounded up to whole blocks of 128 columns.
+inline int64_t awq_ldp(int64_t n) { return (n + 127) / 128 * 128; }
+
 // ---- AWQ row kernels: the block's 128 partial sums part[m * ldp + slot] += sum_k x[m0 + m, k] * (c + q[k, column])
 // ---- over rows k0..k0+nr-1, words l < nw <= 16 of a block (128 columns), rows m < mr of x; which slot holds
 // ---- which column depends on the loop (AwqSlots).
@@ -300,7 +310,7 @@ inline void awq_rows_f32(const Site& s, const Input& in, float* part, int64_t ld
   const int32_t* words = s.qweight + b0;
   const int64_t wpr = s.n / 8;
 #if defined(__AVX512F__)
-  const __mmask16 live = nw >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nw) - 1);
+  const __mmask16 live = live_words(nw);
   __m512 p[MR][8];
   for (int m = 0; m < mr; m++)
     for (int j = 0; j < 8; j++) p[m][j] = _mm512_loadu_ps(part + m * ldp + 16 * j);
@@ -346,10 +356,7 @@ inline void awq_rows_bf16(const Site& s, const Input& in, float* part, int64_t l
   const int32_t* words = s.qweight + b0;
   const int64_t wpr = s.n / 8;
   __mmask16 live[B];
-  for (int blk = 0; blk < B; blk++) {
-    const int w = blk == B - 1 ? nw : 16;
-    live[blk] = w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << w) - 1);
-  }
+  for (int blk = 0; blk < B; blk++) live[blk] = live_words(blk == B - 1 ? nw : 16);
   __m512 p[MR][B][8];
   for (int m = 0; m < mr; m++)
     for (int blk = 0; blk < B; blk++)
@@ -484,7 +491,7 @@ void segment(const Site& s, const Input& in, const Segment& seg, float* part, fl
 // block's sums out of column order (AwqSlots), read back in column order for the correction.
 void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part, float* acc, int64_t ldy) {
   static const AwqSlots slots;
-  const int64_t M = in.M, N = s.n, ldp = (N + 127) / 128 * 128, wpr = N / 8;
+  const int64_t M = in.M, N = s.n, ldp = awq_ldp(N), wpr = N / 8;
   std::fill(part, part + M * ldp, 0.f);
   for (int64_t k = 8 * seg.w0; k < 8 * seg.w1; k += kAwqRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kAwqRows, 8 * seg.w1 - k));
@@ -611,7 +618,7 @@ at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorL
 #pragma omp parallel num_threads(threads)
   {
     const int p = omp_get_thread_num(), T = omp_get_num_threads();
-    std::vector<float> part(static_cast<size_t>(M * ((widest + 127) / 128 * 128)));  // AWQ: whole blocks
+    std::vector<float> part(static_cast<size_t>(M * awq_ldp(widest)));  // AWQ: whole blocks (GPTQ needs N)
     const int64_t w_end = rows * (p + 1) / T;
     std::vector<Segment> segs;
     for (int64_t w0 = rows * p / T; w0 < w_end;) {

@@ -1,5 +1,5 @@
-// The input check both of qpass's kernels over gptqmodel / AutoAWQ int32 packings share (gemv.cpp,
-// dequant.cpp): one message per way a site can be wrong, naming the op and the site.
+// What both of qpass's kernels over gptqmodel / AutoAWQ int32 packings share (gemv.cpp, dequant.cpp): the
+// AWQ column interleave, and the input check (one message per way a site can be wrong, naming the op and the site).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +7,9 @@
 #include <vector>
 
 namespace qpass_kernels {
+
+// AutoAWQ's GEMM packing interleaves the 8 columns of a word: column i sits in nibble kAwqNibble[i].
+constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 // Checks `op`'s per-site lists for 4-bit GPTQ packing (awq = false: int32 qweight (K/8, N)) or AWQ packing
 // (awq = true: int32 qweight (K, N/8)) with in_features K: one qweight, qzeros (G, N/8) and scales (G, N) per
