@@ -293,6 +293,38 @@ def test_gemm_with_a_low_rank_term_in_the_same_accumulation():
         kernels.gptq4_mm(x.detach(), *args, [e.detach() for e in ein], [ew[0].detach(), ew[0].detach()])
 
 
+MM = {"gptq": kernels.gptq4_mm, "awq": kernels.awq4_mm}
+DEQUANT = {"gptq": kernels.gptq4_dequant, "awq": kernels.awq4_dequant}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k,group", [(4352, 128), (2560, 2560)])
+def test_bf16_gemm_over_slices_panels_and_a_low_rank_term(layout, scale_dtype, k, group):
+    """bfloat16 x takes the panel GEMM where the CPU has AVX512-BF16 (the unpack writes the micro-kernel's pair
+    words; the old chunked at::mm elsewhere). Against x @ W in float64 with W the bf16 weight `_dequant` gives,
+    plus each site's low-rank term: K = 4352 at group 128 is three K slices (2048, 2048, 256) whose float32 sums
+    carry over, K = group = 2560 one slice wider than the usual 2048; sites of 96 and 32 columns are a full
+    64-column panel and half panels; 13 rows are two 6-row tiles and a 1-row tail; ranks 5 and 16 (an odd rank
+    gets a zero pair row). Bound: float32 accumulation of K + r products, one rounding to bfloat16."""
+    qs = [_gemv_layer(layout, k, n, group, seed=n) for n in (96, 32)]
+    args = ([q.qweight for q in qs], [q.qzeros for q in qs], [q.scales.to(scale_dtype) for q in qs], group)
+    w = DEQUANT[layout](*args, torch.bfloat16).double()
+    x = torch.randn(13, k, dtype=torch.bfloat16)
+    ein = [torch.randn(13, r, dtype=torch.bfloat16) for r in (5, 16)]
+    ew = [torch.randn(r, q.scales.shape[1], dtype=torch.bfloat16) for r, q in zip((5, 16), qs)]
+    for extra_in, extra_w in (([], []), (ein, ew)):
+        out = MM[layout](x, *args, extra_in, extra_w)
+        ref, mag = x.double() @ w, x.double().abs() @ w.abs()
+        if extra_in:
+            ref = ref + torch.cat([e.double() @ v.double() for e, v in zip(ein, ew)], 1)
+            mag = mag + torch.cat([e.double().abs() @ v.double().abs() for e, v in zip(ein, ew)], 1)
+        assert out.dtype == torch.bfloat16 and out.shape == (13, 128)
+        bound = _rounded(8 * 2**-24 * mag * (k + 16) ** 0.5, ref, torch.bfloat16)
+        err = (out.double() - ref).abs()
+        assert (err <= bound).all(), (extra_in != [], err.max())
+
+
 def test_dequant_bad_input_names_the_site():
     q = _layer(128, 64, 32, seed=0)
     with pytest.raises(RuntimeError, match="gptq4_mm: site 1 is not 4-bit GPTQ packing"):
