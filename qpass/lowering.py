@@ -7,7 +7,7 @@ Lowerings (`QpassBackend(lowering=...)`; "auto" is the default):
 |-----------------|------------------------------------------------------------------|------------------------------|
 | torch-dequant   | plain-torch unpack + dequantize + matmul in the activation dtype; inductor fuses the dequantize, AOTAutograd derives the backward | layouts qpass's C++ kernels cannot take (act-order GPTQ in the library layout, other bit widths, CUDA training/prefill), or where the kernels could not be built |
 | gemv-cpu        | `qpass_kernels::{gptq4,awq4}_gemv` (qpass/kernels/gemv.cpp): reads gptqmodel's own 4-bit GPTQ packing or AutoAWQ's GEMM packing, no copy; float32 accumulation, any activation dtype (bf16 through AVX512-BF16 dot products); siblings and their LoRA in one call | CPU, 4-bit GPTQ with groups in order (no act-order) or 4-bit AWQ with the group a multiple of 8, out_features % 16 == 0, <= DECODE_MAX_TOKENS tokens, no gradient needed, kernels built |
-| dequant-cpu     | `qpass_kernels::{gptq4,awq4,int4pack}_mm` (qpass/kernels/dequant.cpp): the 4-bit codes unpacked by vector C++ straight into the activation dtype, in cache-sized column chunks, each multiplied by the GEMM library at once; bit-exact weights, no copy kept; siblings in one call; its backward (dx) unpacks again instead of saving the weight | CPU, prefill (> DECODE_MAX_TOKENS tokens) or training (and fp32/fp16 decode where gemv-cpu does not apply), for 4-bit GPTQ with groups in order, 4-bit AWQ (out_features % 16 == 0), and qpass.resident's int4pack layout; kernels built |
+| dequant-cpu     | `qpass_kernels::{gptq4,awq4,int4pack}_mm` (qpass/kernels/dequant.cpp): the 4-bit codes unpacked by vector C++ straight into the activation dtype: for bf16 x (GPTQ/AWQ packing, AVX512-BF16) into the packed B panels of qpass's own micro-kernel, otherwise in cache-sized column chunks each multiplied by the GEMM library at once; bit-exact weights, no copy kept; siblings in one call; its backward (dx) unpacks again instead of saving the weight | CPU, prefill (> DECODE_MAX_TOKENS tokens) or training (and fp32/fp16 decode where gemv-cpu does not apply), for 4-bit GPTQ with groups in order, 4-bit AWQ (out_features % 16 == 0), and qpass.resident's int4pack layout; kernels built |
 | int4pack-cpu    | `aten._weight_int4pack_mm_for_cpu` on weights repacked ONCE (cached per site / sibling group), bf16 activations, act-order by permuting the input | CPU, bf16, 4-bit, group 32/64/128/256, <= DECODE_MAX_TOKENS tokens (any count for weights held in the kernel's layout), no gradient needed; where gemv-cpu does not apply (act-order GPTQ, AWQ with a group that is not a multiple of 8, or no C++ kernels) |
 | int4pack-cuda   | `aten._weight_int4pack_mm` (tinygemm) on weights repacked once with `_convert_weight_to_int4pack` | CUDA, same conditions (designed here, untested: no GPU on this machine) |
 
@@ -395,18 +395,18 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
     """The base outputs of `sites` (siblings reading `x`) from qpass's C++ kernel `lowering` (gemv-cpu or
     dequant-cpu) on their own buffers: one call for siblings with the same group size (their output columns
     concatenated), else one call per site (also for act-order sites in the int4pack layout: each has its own
-    input permutation). `extras`, per site: dequant-cpu (e, w), e (..., r) and w (r, N) in x's dtype, whose
-    product is added inside the base GEMM; gemv-cpu (A, B, scaling) of a float32 LoRA, whose up-projection of
-    x A^T the kernel adds (see GEMV_LORA)."""
+    input permutation). `extras`, per site: (e, w), e (..., r) and w (r, N) in x's dtype, whose product
+    dequant-cpu adds inside the base GEMM; or (A, B, scaling) of a float32 or bfloat16 LoRA, whose
+    scaling * (x A^T) B^T the kernel adds (gemv-cpu: GEMV_LORA; dequant-cpu: the `_mm_lora` ops, FOLD_UP)."""
     named = [dict(zip(s.info.buffers, b)) for s, b in zip(sites, bases)]
     groups = {s.info.group for s in sites}
     if len(sites) > 1 and (len(groups) > 1 or any("ret_idx" in n for n in named)):
         return [_cpp([s], x, [b], lowering, None if extras is None else [extras[i]])[0]
                 for i, (s, b) in enumerate(zip(sites, bases))]
     h = x.reshape(-1, sites[0].info.in_features)
-    more = ()
+    more, lora = (), extras is not None and len(extras[0]) == 3  # (A, B, scaling) per site: LoRA in the call
     if extras is not None:
-        if lowering == "gemv-cpu":
+        if lora:
             more = tuple(list(part) for part in zip(*extras))
         else:
             more = ([e.reshape(h.shape[0], -1) for e, _ in extras], [w for _, w in extras])
@@ -418,8 +418,13 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
     elif sites[0].info.matcher is layouts.int4pack_resident:
         if "ret_idx" in named[0]:  # act-order: the codes' rows are in the permuted input order
             h = h.index_select(-1, named[0]["ret_idx"].long())
-        y = kernels.int4pack_mm(h, [n["qweight"] for n in named], [n["scales"] for n in named],
-                                [n["qpass_zero_codes"] for n in named], groups.pop(), int4pack_block_n(), *more)
+        y = (kernels.int4pack_mm_lora if lora else kernels.int4pack_mm)(
+            h, [n["qweight"] for n in named], [n["scales"] for n in named], [n["qpass_zero_codes"] for n in named],
+            groups.pop(), int4pack_block_n(), *more)
+    elif lora:
+        op = kernels.awq4_mm_lora if awq else kernels.gptq4_mm_lora
+        y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named],
+               groups.pop(), *more)
     else:
         op = kernels.awq4_mm if awq else kernels.gptq4_mm
         y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named],
@@ -553,6 +558,9 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     fold = FOLD_UP and lowering == "dequant-cpu" and not needs_grad and not any(
         "lora_B.bias" in slot.tensor_names for slot in slots)
 
+    # ... with the down-projection in the same kernel call too (not for act-order weights in the int4pack layout,
+    # whose kernel reads x permuted into the codes' row order while A reads it in the model's)
+    fold_lora = fold and not any("ret_idx" in s.info.buffers for s in sites)
     gemv_lora = GEMV_LORA and lowering == "gemv-cpu" and not needs_grad and not any(
         "lora_B.bias" in slot.tensor_names for slot in slots)
 
@@ -560,6 +568,10 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
         kernel = list(kernel)
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
         if gemv_lora and all(p["lora_A.weight"].dtype == p["lora_B.weight"].dtype in GEMV_LORA_DTYPES for p in ps):
+            return tuple(_cpp(sites, x, bases, lowering, [
+                (p["lora_A.weight"], p["lora_B.weight"], p["scaling"].float()) for p in ps]))
+        if fold_lora and all(p["lora_A.weight"].dtype == p["lora_B.weight"].dtype in GEMV_LORA_DTYPES for p in ps):
+            # the whole LoRA in the kernel call (`{layout}_mm_lora`: t = x A^T, scaling * B, the fold)
             return tuple(_cpp(sites, x, bases, lowering, [
                 (p["lora_A.weight"], p["lora_B.weight"], p["scaling"].float()) for p in ps]))
         if fold:

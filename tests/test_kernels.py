@@ -325,6 +325,45 @@ def test_bf16_gemm_over_slices_panels_and_a_low_rank_term(layout, scale_dtype, k
         assert (err <= bound).all(), (extra_in != [], err.max())
 
 
+MM_LORA = {"gptq": kernels.gptq4_mm_lora, "awq": kernels.awq4_mm_lora}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [256, 4352])
+def test_lora_inside_the_gemm(layout, dtype, adapter_dtype, k):
+    """`_mm_lora` (prefill with LoRA): x W_i + s_i (x A_i^T) B_i^T per site with t = x A^T rounded to x's dtype
+    and s B rounded to x's dtype, as the graph's fold computed them; for bf16 x the kernel computes t itself
+    (float32 FMAs) and writes s B^T's pair words into the panels; for other x, t as PEFT computes it (x cast to
+    the adapter's dtype). Against float64 with those roundings:
+    the output's one rounding, plus one ulp of t wherever float32 and float64 sums round t differently. Ranks 5
+    and 16 (the odd one padded), sibling sites, a K of three panel slices."""
+    qs = [_gemv_layer(layout, k, n, 64, seed=n) for n in (96, 32)]
+    args = ([q.qweight for q in qs], [q.qzeros for q in qs], [q.scales for q in qs], 64)
+    w = DEQUANT[layout](*args, dtype).double()
+    x = torch.randn(13, k, dtype=dtype)
+    a = [(torch.randn(r, k) / k**0.5).to(adapter_dtype) for r in (5, 16)]
+    b = [torch.randn(n, r).to(adapter_dtype) for n, r in zip((96, 32), (5, 16))]
+    s = [torch.tensor(0.75), torch.tensor(2.0)]
+    out = MM_LORA[layout](x, *args, a, b, s)
+    assert out.dtype == dtype and out.shape == (13, 128)
+    # PEFT's order: x cast to the adapter's dtype, t in the adapter's dtype, then to x's
+    ts = [(x.to(adapter_dtype).double() @ ai.double().t()).to(adapter_dtype).to(dtype).double() for ai in a]
+    sbs = [(bi.double() * si.double()).to(dtype).double() for bi, si in zip(b, s)]
+    ref = x.double() @ w + torch.cat([t @ sb.t() for t, sb in zip(ts, sbs)], 1)
+    mag = x.double().abs() @ w.abs() + torch.cat([t.abs() @ sb.abs().t() for t, sb in zip(ts, sbs)], 1)
+    t_ulp = 2**-8 if torch.bfloat16 in (dtype, adapter_dtype) else 2**-23
+    flips = torch.cat([(t_ulp * t.abs()) @ sb.abs().t() for t, sb in zip(ts, sbs)], 1)
+    bound = _rounded(8 * 2**-24 * mag * (k + 16) ** 0.5 + flips, ref, dtype)
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all(), err.max()
+    torch.library.opcheck(getattr(torch.ops.qpass_kernels, f"{'gptq4' if layout == 'gptq' else 'awq4'}_mm_lora"),
+                          (x, *args, a, b, s))
+    with pytest.raises(RuntimeError, match="mm_lora: site 1: lora_a must be"):
+        MM_LORA[layout](x, *args, [a[0], a[1][:, :8]], b, s)
+
+
 def test_dequant_bad_input_names_the_site():
     q = _layer(128, 64, 32, seed=0)
     with pytest.raises(RuntimeError, match="gptq4_mm: site 1 is not 4-bit GPTQ packing"):

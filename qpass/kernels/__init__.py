@@ -10,9 +10,11 @@ weight — and bf16 activations; this kernel needs neither, and on the benchmark
 aten's kernel per layer at one row (benchmarks --kernels).
 
 `{gptq4,awq4,int4pack}_mm(x, ..., extra_in, extra_w)` and `..._dequant` (dequant.cpp): the prefill / training
-GEMM — 4-bit codes unpacked into the activation dtype in cache-sized column chunks, bit-exact to the
-library's dequantize, each chunk multiplied by the GEMM library at once; optional low-rank terms (LoRA's
-up-projection) added in the same GEMM; differentiable (the backward unpacks again).
+GEMM — 4-bit codes unpacked into the activation dtype, bit-exact to the library's dequantize. bfloat16 x
+(GPTQ/AWQ packing, AVX512-BF16): qpass's own micro-kernel, the codes unpacked straight into its packed B
+panels (64 columns, in L2); otherwise cache-sized column chunks, each multiplied by the GEMM library at once.
+Optional low-rank terms (LoRA's up-projection) added in the same accumulation; differentiable (the backward
+unpacks again).
 
 Built with `torch.utils.cpp_extension.load` (C++17, -O3, -march=native; about 30 s once per machine, then
 loaded from torch's extension cache; the extension's name carries a digest of the source and of this
@@ -163,6 +165,16 @@ def _mm_fake(x, qweight, b, c, *rest):
 for _op in ("gptq4_mm", "awq4_mm", "int4pack_mm"):
     torch.library.register_fake(f"qpass_kernels::{_op}", _mm_fake, lib=_LIB)
 
+# x @ W + scaling_i (x A_i^T) B_i^T per site with LoRA's up-projection inside the GEMM: prefill graphs (no
+# gradient; no autograd formula registered).
+_LORA_ARGS = "Tensor[] lora_a, Tensor[] lora_b, Tensor[] scaling"
+_LIB.define(f"gptq4_mm_lora(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, {_LORA_ARGS}) -> Tensor")
+_LIB.define(f"awq4_mm_lora(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, {_LORA_ARGS}) -> Tensor")
+_LIB.define("int4pack_mm_lora(Tensor x, Tensor[] qweight, Tensor[] scales, Tensor[] zero_codes, int group, int block_n, "
+            f"{_LORA_ARGS}) -> Tensor")
+for _op in ("gptq4_mm_lora", "awq4_mm_lora", "int4pack_mm_lora"):
+    torch.library.register_fake(f"qpass_kernels::{_op}", _mm_fake, lib=_LIB)
+
 
 def _register_backward(mm: str, dequant: str) -> None:
     """The backward of `mm(x, list, list, list, *ints, extra_in, extra_w)` = x @ W (+ extra_in[i] @ extra_w[i]
@@ -217,6 +229,31 @@ def awq4_dequant(qweight: list, qzeros: list, scales: list, group: int, dtype: t
 def awq4_mm(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, extra_in=(), extra_w=()) -> torch.Tensor:
     """As `gptq4_mm`, for 4-bit AWQ packing."""
     return torch.ops.qpass_kernels.awq4_mm(x, qweight, qzeros, scales, group, list(extra_in), list(extra_w))
+
+
+def gptq4_mm_lora(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, lora_a: list, lora_b: list,
+                  scaling: list) -> torch.Tensor:
+    """(M, sum N_i) in x's dtype = x @ [W_1 | W_2 | ...] with site i's columns plus scaling_i * (x A_i^T) B_i^T:
+    A_i (r_i, K) and B_i (N_i, r_i) both float32 or both bfloat16, scaling_i one element. t = x A^T in float32
+    and scaling * B are each rounded to x's dtype, their product summed with x W in float32 and rounded once
+    (LoRA's up-projection in the base GEMM: prefill). bfloat16 x with AVX512-BF16: all in the kernel, t by
+    float32 FMAs. No gradient."""
+    return torch.ops.qpass_kernels.gptq4_mm_lora(x, qweight, qzeros, scales, group, list(lora_a), list(lora_b),
+                                                 list(scaling))
+
+
+def awq4_mm_lora(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, lora_a: list, lora_b: list,
+                 scaling: list) -> torch.Tensor:
+    """As `gptq4_mm_lora`, for 4-bit AWQ packing."""
+    return torch.ops.qpass_kernels.awq4_mm_lora(x, qweight, qzeros, scales, group, list(lora_a), list(lora_b),
+                                                list(scaling))
+
+
+def int4pack_mm_lora(x: torch.Tensor, qweight: list, scales: list, zero_codes: list, group: int, block_n: int,
+                     lora_a: list, lora_b: list, scaling: list) -> torch.Tensor:
+    """As `gptq4_mm_lora`, for the int4pack layout (x in the codes' row order)."""
+    return torch.ops.qpass_kernels.int4pack_mm_lora(x, qweight, scales, zero_codes, group, block_n, list(lora_a),
+                                                    list(lora_b), list(scaling))
 
 
 def int4pack_dequant(qweight: list, scales: list, zero_codes: list, group: int, block_n: int,

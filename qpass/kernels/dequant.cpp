@@ -1,7 +1,7 @@
 // The prefill / training base of 4-bit weights on CPU: the weights are unpacked by vector code straight
-// into the activation dtype, then multiplied by the GEMM library (oneDNN / MKL through at::mm). Inductor's
-// code for the same unpack converts int32 to bf16 element by element (about 2 ms per 1024x3072 layer on the
-// benchmark machine, next to a 2.5 ms bf16 GEMM); this one writes 16 weights per instruction sequence.
+// into the activation dtype and multiplied. Inductor's code for the same unpack converts int32 to bf16 element
+// by element (about 2 ms per 1024x3072 layer on the benchmark machine, next to a 2.5 ms bf16 GEMM); this one
+// writes 16 weights per instruction sequence.
 //
 // Two layouts, each an op pair `<layout>_dequant` (the weight) and `<layout>_mm` (x @ weight):
 //
@@ -22,9 +22,12 @@
 // round-to-nearest-even both times: the weight the library's dequantize gives, cast to the activation
 // dtype as PEFT's layers do.
 //
-// `_mm` computes x @ W one column chunk at a time: each chunk of W is unpacked into a buffer that stays in
-// cache and multiplied at once, so the unpacked weight never travels through memory in full. Sibling sites
-// (q/k/v) are passed together; their outputs are concatenated.
+// `_mm` computes x @ W without the unpacked weight ever travelling through memory in full, two ways:
+//   - bfloat16 x (gptq4, awq4, an even group) on a CPU with AVX512-BF16: the panel GEMM below, qpass's own
+//     micro-kernel; the unpack writes the micro-kernel's packed B directly.
+//   - otherwise: each 512-column chunk of W is unpacked into a buffer that stays in cache and multiplied by the
+//     GEMM library (oneDNN / MKL through at::mm).
+// Sibling sites (q/k/v) are passed together; their outputs are concatenated.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -38,6 +41,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "packed_check.h"
@@ -402,6 +406,23 @@ PackFn pick_pack(Kind s) {
   }
 }
 
+// acc[i][j] += rows i of a (pairs of bf16, row stride lda) times vector j of n pair rows of the panel.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void accumulate(__m512 (&acc)[MR][NV], const uint16_t* a, int64_t lda,
+                                                      const int32_t* panel, int64_t n) {
+  const int32_t* ap[MR];
+  for (int i = 0; i < MR; i++) ap[i] = reinterpret_cast<const int32_t*>(a + i * lda);
+  for (int64_t kp = 0; kp < n; kp++) {
+    const int32_t* b = panel + kp * kPanel;
+    __m512bh bv[NV];
+    for (int j = 0; j < NV; j++) bv[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(b + 16 * j));
+    for (int i = 0; i < MR; i++) {
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(ap[i][kp]));
+      for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    }
+  }
+}
+
 // MR rows of x times one panel slice of kps pair rows, NV vectors of columns; then (the last slice of a site
 // with a low-rank term) MR rows of xe times the kpe pair rows after them. The sums start from zero (first
 // slice) or from c (float32, row stride kPanel), and end in c or, after the last slice, rounded to bf16 in y.
@@ -411,21 +432,8 @@ void tile(const uint16_t* x, int64_t ldx, const uint16_t* xe, int64_t lde, const
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NV; j++) acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * kPanel + 16 * j);
-  auto run = [&](const uint16_t* a0, int64_t lda, const int32_t* b0, int64_t n) {
-    const int32_t* ap[MR];
-    for (int i = 0; i < MR; i++) ap[i] = reinterpret_cast<const int32_t*>(a0 + i * lda);
-    for (int64_t kp = 0; kp < n; kp++) {
-      const int32_t* b = b0 + kp * kPanel;
-      __m512bh bv[NV];
-      for (int j = 0; j < NV; j++) bv[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(b + 16 * j));
-      for (int i = 0; i < MR; i++) {
-        const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(ap[i][kp]));
-        for (int j = 0; j < NV; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, bv[j]);
-      }
-    }
-  };
-  run(x, ldx, panel, kps);
-  if (kpe) run(xe, lde, panel + kps * kPanel, kpe);
+  accumulate<MR, NV>(acc, x, ldx, panel, kps);
+  if (kpe) accumulate<MR, NV>(acc, xe, lde, panel + kps * kPanel, kpe);
   for (int i = 0; i < MR; i++)
     for (int j = 0; j < NV; j++) {
       if (last)
@@ -577,16 +585,36 @@ at::Tensor dequant(const Sites& s, at::ScalarType dtype, const at::TensorOptions
 }
 
 #if defined(__AVX512BF16__)
-// y (M, total) bf16 = x (M, K) @ W per site, plus xe[i] @ extra_w[i] for sites with a low-rank term: xe[i]
-// (M, r_i rounded up to even: a zero column after an odd r_i) bf16, extra_w[i] (r_i, N_i) bf16, contiguous.
-void panel_mm(const Sites& s, const at::Tensor& x, const std::vector<at::Tensor>& xe, const std::vector<at::Tensor>& extra_w,
-              at::Tensor& y) {
+// A site's low-rank term for the panel GEMM: xe (M, r_pad) bf16, r_pad = r rounded up to even (a zero column
+// after an odd r), times w (r, N), given as int32 pair words (rows 2e and 2e + 1 of w): pairs (r_pad / 2, N), or
+// (N, r_pad / 2) with `by_column`.
+struct LowRank {
+  at::Tensor xe, pairs;
+  bool by_column = false;
+};
+
+// Pair words of bf16 rows (r, N): rows 2e and 2e + 1 of w (a zero row after an odd r).
+at::Tensor pair_rows(const at::Tensor& w) {
+  const int64_t r = w.size(0), n = w.size(1);
+  at::Tensor out = at::empty({(r + 1) / 2, n}, w.options().dtype(at::kInt));
+  const uint16_t* src = static_cast<const uint16_t*>(w.data_ptr());
+  int32_t* dst = out.data_ptr<int32_t>();
+  for (int64_t e = 0; e < (r + 1) / 2; e++)
+    for (int64_t c = 0; c < n; c++) {
+      const uint32_t lo = src[2 * e * n + c], hi = 2 * e + 1 < r ? src[(2 * e + 1) * n + c] : 0;
+      dst[e * n + c] = static_cast<int32_t>(lo | (hi << 16));
+    }
+  return out;
+}
+
+// y (M, total) bf16 = x (M, K) @ W per site, plus low[i].xe @ w_i for the sites with a low-rank term.
+void panel_mm(const Sites& s, const at::Tensor& x, const std::vector<LowRank>& low, at::Tensor& y) {
   const int64_t M = x.size(0), K = s.shape.K, G = s.shape.G;
   const int64_t slice = K <= kSliceRows ? K : std::max<int64_t>(G, kSliceRows / G * G);
   std::vector<int64_t> first_panel{0};  // panel index where each site starts
   for (const Site& site : s.list) first_panel.push_back(first_panel.back() + (site.n + kPanel - 1) / kPanel);
   int64_t rmax = 0;
-  for (const auto& e : xe) rmax = std::max<int64_t>(rmax, e.defined() ? e.size(1) : 0);
+  for (const auto& l : low) rmax = std::max<int64_t>(rmax, l.xe.defined() ? l.xe.size(1) : 0);
   const uint16_t* xd = static_cast<const uint16_t*>(x.data_ptr());
   uint16_t* yd = static_cast<uint16_t*>(y.data_ptr());
   at::parallel_for(0, first_panel.back(), 1, [&](int64_t p0, int64_t p1) {
@@ -600,28 +628,115 @@ void panel_mm(const Sites& s, const at::Tensor& x, const std::vector<at::Tensor>
       const Site& site = s.list[i];
       const int64_t n0 = (p - first_panel[i]) * kPanel;
       const int nv = static_cast<int>(std::min(kPanel, site.n - n0) / 16);
-      const bool extra = i < xe.size() && xe[i].defined() && xe[i].size(1) > 0;
+      const bool extra = i < low.size() && low[i].xe.defined();
       for (int64_t k0 = 0; k0 < K; k0 += slice) {
         const int64_t k1 = std::min(K, k0 + slice), kps = (k1 - k0) / 2;
         const bool last = k1 == K;
         s.packs[i](site, s.shape, n0, nv, k0, k1, buf.get());
-        int64_t kpe = 0;
-        if (last && extra) {  // extra_w[i]'s rows as pair words after the slice's (a zero row after an odd r)
-          const uint16_t* ew = static_cast<const uint16_t*>(extra_w[i].data_ptr());
-          const int64_t r = extra_w[i].size(0);
-          kpe = xe[i].size(1) / 2;
+        const int64_t kpe = last && extra ? low[i].xe.size(1) / 2 : 0;
+        if (kpe && low[i].by_column) {  // the low-rank term's pair rows after the slice's
+          const int32_t* pairs = low[i].pairs.data_ptr<int32_t>() + n0 * kpe;
+          for (int64_t c = 0; c < 16 * nv; c++)
+            for (int64_t e = 0; e < kpe; e++) buf[(kps + e) * kPanel + c] = pairs[c * kpe + e];
+        } else if (kpe) {
+          const int32_t* pairs = low[i].pairs.data_ptr<int32_t>() + n0;
           for (int64_t e = 0; e < kpe; e++)
-            for (int64_t c = 0; c < 16 * nv; c++) {
-              const uint32_t lo = ew[2 * e * site.n + n0 + c], hi = 2 * e + 1 < r ? ew[(2 * e + 1) * site.n + n0 + c] : 0;
-              buf[(kps + e) * kPanel + c] = static_cast<int32_t>(lo | (hi << 16));
-            }
+            for (int j = 0; j < nv; j++)
+              _mm512_store_si512(buf.get() + (kps + e) * kPanel + 16 * j, _mm512_loadu_si512(pairs + e * site.n + 16 * j));
         }
-        kRows[nv - 1](M, xd + k0, K, kpe ? static_cast<const uint16_t*>(xe[i].data_ptr()) : nullptr,
-                      kpe ? xe[i].size(1) : 0, buf.get(), kps, kpe, k0 == 0, last,
+        kRows[nv - 1](M, xd + k0, K, kpe ? static_cast<const uint16_t*>(low[i].xe.data_ptr()) : nullptr,
+                      kpe ? low[i].xe.size(1) : 0, buf.get(), kps, kpe, k0 == 0, last,
                       partial.empty() ? nullptr : partial.data(), yd + site.col + n0, s.total);
       }
     }
   });
+}
+
+inline __m512 widen_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// sums[i][j] = dot(xw row i, a row j) over K: xw MB rows of float32 (row stride ldw, zero-padded to a multiple of
+// 16), a CB rows (pointers) of float32 or bf16. Everything in locals so the 24 sums stay in registers.
+template <int MB, int CB, typename AT>
+void dot_block(const float* xw, int64_t ldw, const AT* const* a, int64_t K, float (&sums)[MB][CB]) {
+  __m512 acc[MB][CB];
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < CB; j++) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 av[CB];
+    for (int j = 0; j < CB; j++) {
+      if constexpr (std::is_same_v<AT, float>) av[j] = _mm512_maskz_loadu_ps(m, a[j] + k);
+      else av[j] = widen_bf16(reinterpret_cast<const uint16_t*>(a[j] + k), m);
+    }
+    for (int i = 0; i < MB; i++) {
+      const __m512 xv = _mm512_loadu_ps(xw + i * ldw + k);
+      for (int j = 0; j < CB; j++) acc[i][j] = _mm512_fmadd_ps(xv, av[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < CB; j++) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+// LoRA's down-projection for the panel GEMM: xe (M, r_pad) bf16 = round(x (M, K) bf16 @ A^T), A (r, K) float32 or
+// bf16, products and sums in float32 (x widened exactly), one rounding to bf16; a zero column after an odd r.
+// Dot products along K: 4 rows of x (widened once into float32) by 6 rows of A, 24 float32 accumulators.
+template <typename AT>
+void down_projection(const at::Tensor& x, const at::Tensor& a, at::Tensor& xe) {
+  constexpr int MB = 4, CB = 6;
+  const int64_t M = x.size(0), K = x.size(1), r = a.size(0), ld = xe.size(1);
+  const uint16_t* xd = static_cast<const uint16_t*>(x.data_ptr());
+  const AT* ad = static_cast<const AT*>(a.data_ptr());
+  c10::BFloat16* out = static_cast<c10::BFloat16*>(xe.data_ptr());
+  const int64_t K16 = (K + 15) / 16 * 16;
+  at::parallel_for(0, (M + MB - 1) / MB, 1, [=](int64_t b0, int64_t b1) {
+    std::vector<float> xw(MB * K16);  // the block's rows of x in float32, zero-padded to 16
+    for (int64_t mb = b0; mb < b1; mb++) {
+      const int64_t m0 = mb * MB, mr = std::min<int64_t>(MB, M - m0);
+      for (int i = 0; i < MB; i++)
+        for (int64_t k = 0; k < K16; k += 16) {
+          const __mmask16 m = i < mr ? (K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1)) : 0;
+          _mm512_storeu_ps(xw.data() + i * K16 + k, widen_bf16(xd + (m0 + i) * K + k, m));
+        }
+      for (int64_t c0 = 0; c0 < r; c0 += CB) {
+        const int64_t cr = std::min<int64_t>(CB, r - c0);
+        const AT* rows[CB];
+        for (int j = 0; j < CB; j++) rows[j] = ad + (c0 + std::min<int64_t>(j, cr - 1)) * K;  // a short block repeats its last row
+        float sums[MB][CB];
+        dot_block<MB, CB, AT>(xw.data(), K16, rows, K, sums);
+        for (int i = 0; i < mr; i++)
+          for (int j = 0; j < cr; j++) out[(m0 + i) * ld + c0 + j] = c10::BFloat16(sums[i][j]);
+      }
+      if (ld > r)
+        for (int i = 0; i < mr; i++) out[(m0 + i) * ld + r] = c10::BFloat16(0.0f);
+    }
+  });
+}
+
+// LoRA's up-projection weights for the panel GEMM: pair words of round_bf16(scaling * B^T), B (N, r) float32 or
+// bf16 ((B * scaling) rounded to bf16, as the graph's fold computed it), laid out (N, r_pad / 2): column n's
+// pairs contiguous, which is B's own row order (one vector conversion per 16 of a row's entries).
+template <typename BT>
+at::Tensor up_pairs(const at::Tensor& b, float scaling) {
+  const int64_t n = b.size(0), r = b.size(1), e_rows = (r + 1) / 2;
+  at::Tensor out = at::empty({n, e_rows}, b.options().dtype(at::kInt));
+  const BT* bd = static_cast<const BT*>(b.data_ptr());
+  int32_t* dst = out.data_ptr<int32_t>();
+  const __m512 sv = _mm512_set1_ps(scaling);
+  at::parallel_for(0, n, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++)
+      for (int64_t e0 = 0; e0 < r; e0 += 16) {  // 16 entries of the row: 8 pair words
+        const int64_t left = std::min<int64_t>(16, r - e0);
+        const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+        __m512 v;
+        if constexpr (std::is_same_v<BT, float>) v = _mm512_maskz_loadu_ps(m, bd + c * r + e0);
+        else v = widen_bf16(reinterpret_cast<const uint16_t*>(bd + c * r + e0), m);
+        const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(v, sv)));  // zeros past r
+        _mm256_mask_storeu_epi32(dst + c * e_rows + e0 / 2, static_cast<__mmask8>((1u << ((left + 1) / 2)) - 1), h);
+      }
+  });
+  return out;
 }
 
 #endif
@@ -650,15 +765,15 @@ at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::T
 #if defined(__AVX512BF16__)
   if (!s.packs.empty()) {  // bf16: the panel GEMM (the unpack is its B packing)
     at::Tensor y = at::empty({M, s.total}, x.options());
-    std::vector<at::Tensor> xe(extra_in.size()), ew(extra_in.size());
+    std::vector<LowRank> low(extra_in.size());
     for (size_t i = 0; i < extra_in.size(); i++) {
       const int64_t r = check_extra(i);
       if (!r) continue;
-      xe[i] = at::zeros({M, r + r % 2}, x.options());
-      xe[i].narrow(1, 0, r).copy_(extra_in[i]);
-      ew[i] = extra_w[i].contiguous();
+      low[i].xe = at::zeros({M, r + r % 2}, x.options());
+      low[i].xe.narrow(1, 0, r).copy_(extra_in[i]);
+      low[i].pairs = pair_rows(extra_w[i].contiguous());
     }
-    if (M) panel_mm(s, xc, xe, ew, y);
+    if (M) panel_mm(s, xc, low, y);
     return y;
   }
 #endif
@@ -699,6 +814,58 @@ at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::T
   return y;
 }
 
+// x @ W_i + scaling_i (x A_i^T) B_i^T per site, LoRA's up-projection in the base GEMM's accumulation (the
+// `_mm_lora` ops: prefill, no gradient). A (r, K) and B (N, r) float32 or bfloat16, scaling one element.
+// Roundings: t = x A^T in float32, rounded to x's dtype; scaling * B rounded to x's dtype; their product
+// summed with x W in float32 and rounded once. bf16 x with the panel GEMM: t and the pair words of
+// scaling * B^T are computed here; otherwise the same two roundings in ATen, then the chunked GEMM's extras.
+at::Tensor lora_mm(const char* op, const at::Tensor& x, const Sites& s, at::TensorList lora_a, at::TensorList lora_b,
+                   at::TensorList scaling) {
+  const size_t n = s.list.size();
+  TORCH_CHECK(lora_a.size() == n && lora_b.size() == n && scaling.size() == n, "qpass ", op,
+              ": one lora_a, lora_b and scaling per site");
+  const int64_t M = x.size(0), K = s.shape.K;
+  std::vector<at::Tensor> as, bs;
+  std::vector<float> sc;
+  for (size_t i = 0; i < n; i++) {
+    const auto &a = lora_a[i], &b = lora_b[i];
+    const int64_t r = a.dim() == 2 ? a.size(0) : -1;
+    TORCH_CHECK(a.dim() == 2 && a.size(1) == K && b.dim() == 2 && b.size(0) == s.list[i].n && b.size(1) == r &&
+                    a.scalar_type() == b.scalar_type() &&
+                    (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && scaling[i].numel() == 1,
+                "qpass ", op, ": site ", i, ": lora_a must be (r, K=", K, "), lora_b (N=", s.list[i].n,
+                ", r), both float32 or both bfloat16, and scaling one element");
+    as.push_back(a.contiguous());
+    bs.push_back(b.contiguous());
+    sc.push_back(scaling[i].item<float>());
+  }
+  const at::Tensor xc = x.contiguous();
+#if defined(__AVX512BF16__)
+  if (!s.packs.empty()) {
+    std::vector<LowRank> low(n);
+    for (size_t i = 0; i < n; i++) {
+      const int64_t r = as[i].size(0);
+      if (!r) continue;
+      low[i].xe = at::empty({M, r + r % 2}, x.options());
+      const bool f32 = as[i].scalar_type() == at::kFloat;
+      if (f32) down_projection<float>(xc, as[i], low[i].xe);
+      else down_projection<c10::BFloat16>(xc, as[i], low[i].xe);
+      low[i].pairs = f32 ? up_pairs<float>(bs[i], sc[i]) : up_pairs<c10::BFloat16>(bs[i], sc[i]);
+      low[i].by_column = true;
+    }
+    at::Tensor y = at::empty({M, s.total}, x.options());
+    if (M) panel_mm(s, xc, low, y);
+    return y;
+  }
+#endif
+  std::vector<at::Tensor> ein, ew;
+  for (size_t i = 0; i < n; i++) {
+    ein.push_back(at::mm(xc.to(as[i].scalar_type()), as[i].t()).to(x.scalar_type()));
+    ew.push_back(bs[i].mul(sc[i]).to(x.scalar_type()).t().contiguous());
+  }
+  return chunked_mm(op, xc, s, ein, ew);
+}
+
 // gptq4_* (AWQ = false) and awq4_* (AWQ = true): the same entry points over the two int32 packings.
 template <bool AWQ>
 at::Tensor packed_dequant(at::TensorList qweight, at::TensorList qzeros, at::TensorList scales, int64_t group,
@@ -718,6 +885,15 @@ at::Tensor packed_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList
                     extra_w);
 }
 
+template <bool AWQ>
+at::Tensor packed_mm_lora(const at::Tensor& x, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
+                          int64_t group, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling) {
+  const char* op = AWQ ? "awq4_mm_lora" : "gptq4_mm_lora";
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass ", op, ": x must be a 2-D CPU tensor");
+  return lora_mm(op, x, packed_sites(AWQ, op, x.size(1), qweight, qzeros, scales, group, x.scalar_type()), lora_a,
+                 lora_b, scaling);
+}
+
 at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes, int64_t group,
                             int64_t block_n, at::ScalarType dtype) {
   TORCH_CHECK(!qweight.empty() && !scales.empty() && scales[0].dim() == 2, "qpass int4pack_dequant: no sites");
@@ -733,6 +909,14 @@ at::Tensor int4pack_mm(const at::Tensor& x, at::TensorList qweight, at::TensorLi
                                                      block_n, x.scalar_type()), extra_in, extra_w);
 }
 
+at::Tensor int4pack_mm_lora(const at::Tensor& x, at::TensorList qweight, at::TensorList scales,
+                            at::TensorList zero_codes, int64_t group, int64_t block_n, at::TensorList lora_a,
+                            at::TensorList lora_b, at::TensorList scaling) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass int4pack_mm_lora: x must be a 2-D CPU tensor");
+  return lora_mm("int4pack_mm_lora", x, int4pack_sites("int4pack_mm_lora", x.size(1), qweight, scales, zero_codes,
+                                                       group, block_n, x.scalar_type()), lora_a, lora_b, scaling);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
@@ -742,4 +926,7 @@ TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
   m.impl("awq4_mm", TORCH_FN(packed_mm<true>));
   m.impl("int4pack_dequant", TORCH_FN(int4pack_dequant));
   m.impl("int4pack_mm", TORCH_FN(int4pack_mm));
+  m.impl("gptq4_mm_lora", TORCH_FN(packed_mm_lora<false>));
+  m.impl("awq4_mm_lora", TORCH_FN(packed_mm_lora<true>));
+  m.impl("int4pack_mm_lora", TORCH_FN(int4pack_mm_lora));
 }
