@@ -500,7 +500,10 @@ REDUCE_MAX_ROWS = 1  # adapter matmuls with at most this many rows (static) use 
 # rounding, instead of a small GEMM per site (16 x N, poorly used) plus a scale and an add pass over y.
 # The up-projection's operands t and s B are rounded to the activation dtype for it (bf16 here; PEFT keeps
 # them in the adapter's float32): within the bf16 logit tolerance of PEFT (tests/test_kernels.py). Training
-# keeps PEFT's arithmetic (the adapter gradients stay in float32). False: always the separate form.
+# keeps PEFT's arithmetic (the adapter gradients stay in float32). With float32 or bfloat16 adapters the whole
+# LoRA goes into the kernel call (`{layout}_mm_lora`: it computes t = x A^T and s B itself, same roundings),
+# except for act-order weights in the int4pack layout, whose x is permuted for the codes but not for A.
+# False: always the separate form.
 FOLD_UP = True
 
 # gemv-cpu graphs that need no gradient (decode steps) hand each site's LoRA (A, B, scaling) to the kernel: it

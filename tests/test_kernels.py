@@ -437,6 +437,30 @@ def test_int4pack_gemm_and_its_backward():
     torch.library.opcheck(torch.ops.qpass_kernels.int4pack_mm, (x.detach().requires_grad_(), *lists, gate.info.group, block_n, [], []))
 
 
+@pytest.mark.parametrize("kind", ["gptq-tail", "gptq-act-order", "awq"])
+def test_int4pack_bf16_gemm_and_lora(kind):
+    """bf16 x: the panel GEMM reads int4pack blocks (rows k and k + 1 in one 64-byte load) and the tail block
+    (160 = 2 x 64 + 32 columns: columns 2d, 2d + 1 per byte); with LoRA in the call too. Against float64 x @ W
+    (W the layout's bf16 weight), within the float32 accumulation bound and one bf16 rounding."""
+    _, sites = _resident_sites(kind)
+    block_n = int4pack_block_n()
+    for site in sites:
+        named = dict(zip(site.info.buffers, site.base_tensors()))
+        lists = [named["qweight"]], [named["scales"]], [named["qpass_zero_codes"]]
+        w = kernels.int4pack_dequant(*lists, site.info.group, block_n, torch.bfloat16).double()
+        x = torch.randn(13, site.info.in_features, dtype=torch.bfloat16)
+        a, b, sc = torch.randn(3, w.shape[0]) / w.shape[0] ** 0.5, torch.randn(w.shape[1], 3), torch.tensor(0.5)
+        t = (x.double() @ a.double().t()).bfloat16().double()
+        sb = (b.double() * 0.5).bfloat16().double()
+        for out, ref, mag in ((kernels.int4pack_mm(x, *lists, site.info.group, block_n), x.double() @ w,
+                               x.double().abs() @ w.abs()),
+                              (kernels.int4pack_mm_lora(x, *lists, site.info.group, block_n, [a], [b], [sc]),
+                               x.double() @ w + t @ sb.t(), x.double().abs() @ w.abs() + t.abs() @ sb.abs().t())):
+            bound = _rounded(8 * 2**-24 * mag * w.shape[0] ** 0.5 + 2**-8 * t.abs() @ sb.abs().t(), ref, torch.bfloat16)
+            err = (out.double() - ref).abs()
+            assert (err <= bound).all(), (site.path, err.max())
+
+
 # ---- awq4_dequant / awq4_mm: AWQ's GEMM packing (8 columns per word, interleaved) --------------------------
 
 

@@ -392,6 +392,52 @@ void awq4_pack(const Site& s, const Shape& sh, int64_t n0, int nv, int64_t k0, i
   }
 }
 
+// int4pack (block_n == kPanel: AVX-512 CPUs): a full panel is one block, whose row k is 32 bytes (column d in
+// the low nibble of byte d, column d + 32 in the high one), so rows k and k + 1 are one 64-byte load; the tail
+// block (N % 64 columns) keeps columns 2d and 2d + 1 in byte d of its rows.
+template <int S>
+void int4pack_pack(const Site& s, const Shape& sh, int64_t n0, int nv, int64_t k0, int64_t k1, int32_t* panel) {
+  const uint8_t* bytes = static_cast<const uint8_t*>(s.q);
+  const uint8_t* zc = static_cast<const uint8_t*>(s.z);
+  const int64_t K = sh.K, full = s.n - s.n % kPanel, width = (s.n - full) / 2;
+  const __m512i mask = _mm512_set1_epi32(15);
+  const __m512i half_of = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i nibble = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  auto tail16 = [&](const uint8_t* p) {  // 16 columns from 8 bytes of a tail row
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(half_of, b), nibble), mask);
+  };
+  __m512i z[4];
+  __m512 sc[4];
+  for (int64_t g = k0 / sh.G; g < k1 / sh.G; g++) {
+    alignas(64) float ss[kPanel];
+    for (int64_t c = 0; c < 16 * nv; c++) ss[c] = scale_at<S>(s.s, g * s.n + n0 + c);
+    for (int j = 0; j < nv; j++) {
+      z[j] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zc + g * s.n + n0 + 16 * j)));
+      sc[j] = _mm512_load_ps(ss + 16 * j);
+    }
+    for (int64_t k = g * sh.G; k < (g + 1) * sh.G; k += 2) {
+      int32_t* out = panel + (k - k0) / 2 * kPanel;
+      if (n0 < full) {
+        const uint8_t* row = bytes + n0 * K / 2 + k * (kPanel / 2);
+        const __m128i* r = reinterpret_cast<const __m128i*>(row);
+        const __m512i lo0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(r)), hi0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(r + 1));
+        const __m512i lo1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(r + 2)), hi1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(r + 3));
+        _mm512_store_si512(out, pair16<S>(sc[0], _mm512_and_si512(lo0, mask), _mm512_and_si512(lo1, mask), z[0]));
+        _mm512_store_si512(out + 16, pair16<S>(sc[1], _mm512_and_si512(hi0, mask), _mm512_and_si512(hi1, mask), z[1]));
+        _mm512_store_si512(out + 32, pair16<S>(sc[2], _mm512_srli_epi32(lo0, 4), _mm512_srli_epi32(lo1, 4), z[2]));
+        _mm512_store_si512(out + 48, pair16<S>(sc[3], _mm512_srli_epi32(hi0, 4), _mm512_srli_epi32(hi1, 4), z[3]));
+      } else {
+        const uint8_t* row = bytes + full * K / 2 + k * width;
+        for (int j = 0; j < nv; j++)
+          _mm512_store_si512(out + 16 * j, pair16<S>(sc[j], tail16(row + 8 * j), tail16(row + width + 8 * j), z[j]));
+      }
+    }
+  }
+}
+
+template <int S>
+struct Int4packPack { static constexpr PackFn fn = int4pack_pack<S>; };
 template <int S>
 struct Gptq4Pack { static constexpr PackFn fn = gptq4_pack<S>; };
 template <int S>
@@ -551,8 +597,13 @@ Sites int4pack_sites(const char* op, int64_t K, at::TensorList qweight, at::Tens
                 "zero codes (G, N)) for K=", K, ", group ", group);
     r.list.push_back({qw.data_ptr(), zc.data_ptr(), sc.data_ptr(), n, r.total});
     r.fns.push_back(pick<Int4pack>(kind_of(sc.scalar_type(), "scales"), o));
+#if defined(__AVX512BF16__)
+    if (o == BF16 && block_n == kPanel && group % 2 == 0 && n % 16 == 0)
+      r.packs.push_back(pick_pack<Int4packPack>(kind_of(sc.scalar_type(), "scales")));
+#endif
     r.total += n;
   }
+  if (r.packs.size() != r.list.size()) r.packs.clear();  // the panel GEMM for every site or none
   return r;
 }
 
