@@ -11,7 +11,7 @@ aten's kernel per layer at one row (benchmarks --kernels).
 
 `{gptq4,awq4,int4pack}_mm(x, ..., extra_in, extra_w)` and `..._dequant` (dequant.cpp): the prefill / training
 GEMM — 4-bit codes unpacked into the activation dtype, bit-exact to the library's dequantize. bfloat16 x
-(GPTQ/AWQ packing, AVX512-BF16): qpass's own micro-kernel, the codes unpacked straight into its packed B
+(GPTQ/AWQ packing, the int4pack layout; AVX512-BF16): qpass's own micro-kernel, the codes unpacked into its B
 panels (64 columns, in L2); otherwise cache-sized column chunks, each multiplied by the GEMM library at once.
 Optional low-rank terms (LoRA's up-projection) added in the same accumulation; differentiable (the backward
 unpacks again).
@@ -251,7 +251,7 @@ def awq4_mm_lora(x: torch.Tensor, qweight: list, qzeros: list, scales: list, gro
 
 def int4pack_mm_lora(x: torch.Tensor, qweight: list, scales: list, zero_codes: list, group: int, block_n: int,
                      lora_a: list, lora_b: list, scaling: list) -> torch.Tensor:
-    """As `gptq4_mm_lora`, for the int4pack layout (x in the codes' row order)."""
+    """As `gptq4_mm_lora`, for the int4pack layout (x in the codes' row order, and A's columns with it)."""
     return torch.ops.qpass_kernels.int4pack_mm_lora(x, qweight, scales, zero_codes, group, block_n, list(lora_a),
                                                     list(lora_b), list(scaling))
 

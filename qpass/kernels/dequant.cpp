@@ -3,7 +3,8 @@
 // by element (about 2 ms per 1024x3072 layer on the benchmark machine, next to a 2.5 ms bf16 GEMM); this one
 // writes 16 weights per instruction sequence.
 //
-// Two layouts, each an op pair `<layout>_dequant` (the weight) and `<layout>_mm` (x @ weight):
+// Three layouts, each with `<layout>_dequant` (the weight), `<layout>_mm` (x @ weight) and `<layout>_mm_lora`
+// (x @ weight plus a LoRA, prefill):
 //
 //   gptq4:    gptqmodel's GPTQ packing. qweight (K/8, N) int32, q[k, n] = (qweight[k / 8, n] >> 4 * (k % 8)) & 15;
 //             qzeros (G, N/8) int32, z[g, n] = (qzeros[g, n / 8] >> 4 * (n % 8)) & 15; scales (G, N).
@@ -23,8 +24,8 @@
 // dtype as PEFT's layers do.
 //
 // `_mm` computes x @ W without the unpacked weight ever travelling through memory in full, two ways:
-//   - bfloat16 x (gptq4, awq4, an even group) on a CPU with AVX512-BF16: the panel GEMM below, qpass's own
-//     micro-kernel; the unpack writes the micro-kernel's packed B directly.
+//   - bfloat16 x (gptq4, awq4, int4pack with 64-column blocks; an even group) on a CPU with AVX512-BF16: the
+//     panel GEMM below, qpass's own micro-kernel; the unpack writes the micro-kernel's packed B directly.
 //   - otherwise: each 512-column chunk of W is unpacked into a buffer that stays in cache and multiplied by the
 //     GEMM library (oneDNN / MKL through at::mm).
 // Sibling sites (q/k/v) are passed together; their outputs are concatenated.
@@ -311,6 +312,7 @@ void int4pack_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, voi
 // The weights are the ones `_dequant` gives (same rounding); the sums are float32, rounded once to bf16.
 // Measured on the benchmark machine: the micro-kernel alone on a dense bf16 weight runs at ~1.2x oneDNN's speed
 // for the same product (128 x 1024 x 3072: 2.5 vs 3.2 ms).
+
 // Rows [k0, k1) (whole groups) of columns [n0, n0 + 16 * nv) of a site into panel (pair words, row stride kPanel).
 using PackFn = void (*)(const Site&, const Shape&, int64_t n0, int nv, int64_t k0, int64_t k1, int32_t* panel);
 
@@ -318,7 +320,7 @@ using PackFn = void (*)(const Site&, const Shape&, int64_t n0, int nv, int64_t k
 
 constexpr int64_t kPanel = 64;         // columns per panel: 4 vectors of 16 float32 sums per row of x
 constexpr int64_t kSliceRows = 2048;   // rows of W per panel slice: 2048 x 64 bf16 = 256 KiB
-constexpr int64_t kTileRows = 6;           // rows of x per tile: 6 x 4 accumulators + 4 panel vectors in registers
+constexpr int64_t kTileRows = 6;       // rows of x per tile: 6 x 4 accumulators + 4 panel vectors in registers
 
 // 16 pair words: rows k (even) and k + 1 of 16 columns, each s * (q - z) rounded as put16 rounds.
 template <int S>
@@ -333,7 +335,6 @@ inline __m512i pair16(__m512 s, __m512i q_even, __m512i q_odd, __m512i z) {
   }
   return _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(o, e)));
 }
-
 
 // Each group's zero codes and scales for the panel's columns, as vectors.
 template <int S, bool AWQ>
@@ -752,10 +753,10 @@ void down_projection(const at::Tensor& x, const at::Tensor& a, at::Tensor& xe) {
         }
       for (int64_t c0 = 0; c0 < r; c0 += CB) {
         const int64_t cr = std::min<int64_t>(CB, r - c0);
-        const AT* rows[CB];
-        for (int j = 0; j < CB; j++) rows[j] = ad + (c0 + std::min<int64_t>(j, cr - 1)) * K;  // a short block repeats its last row
+        const AT* arows[CB];  // a short block repeats its last row
+        for (int j = 0; j < CB; j++) arows[j] = ad + (c0 + std::min<int64_t>(j, cr - 1)) * K;
         float sums[MB][CB];
-        dot_block<MB, CB, AT>(xw.data(), K16, rows, K, sums);
+        dot_block<MB, CB, AT>(xw.data(), K16, arows, K, sums);
         for (int i = 0; i < mr; i++)
           for (int j = 0; j < cr; j++) out[(m0 + i) * ld + c0 + j] = c10::BFloat16(sums[i][j]);
       }
@@ -867,7 +868,8 @@ at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::T
 
 // x @ W_i + scaling_i (x A_i^T) B_i^T per site, LoRA's up-projection in the base GEMM's accumulation (the
 // `_mm_lora` ops: prefill, no gradient). A (r, K) and B (N, r) float32 or bfloat16, scaling one element.
-// Roundings: t = x A^T in float32, rounded to x's dtype; scaling * B rounded to x's dtype; their product
+// Roundings: t = x A^T in float32 (x cast to the adapter's dtype, as PEFT does), rounded to x's dtype;
+// scaling * B rounded to x's dtype; their product
 // summed with x W in float32 and rounded once. bf16 x with the panel GEMM: t and the pair words of
 // scaling * B^T are computed here; otherwise the same two roundings in ATen, then the chunked GEMM's extras.
 at::Tensor lora_mm(const char* op, const at::Tensor& x, const Sites& s, at::TensorList lora_a, at::TensorList lora_b,
