@@ -8,7 +8,9 @@ qpass in fp32, fp16 and bf16 without keeping any copy.
 gptq4_dequant / gptq4_mm (prefill, training): the unpacked weight equals gptqmodel's dequantize cast to the
 activation dtype bit for bit (every scales x output dtype); the GEMM equals x @ that weight across column
 chunk boundaries; its dx equals autograd's through the plain-torch base; compiled prefill and training of a
-tiny Llama through it equal eager qpass (logits, adapter gradients)."""
+tiny Llama through it equal eager qpass (logits, adapter gradients). bf16 x on AVX512-BF16 takes the panel
+GEMM (every layout, K slices, half panels, row tails) and `_mm_lora` computes LoRA inside the call: both
+against float64 within the float32-accumulation bound and the stated roundings."""
 
 import pytest
 import torch
