@@ -53,6 +53,8 @@
 
 namespace {
 
+using qpass_kernels::nibble_shift;
+
 enum Kind { F32 = 0, BF16 = 1, F16 = 2 };
 
 Kind kind_of(at::ScalarType t, const char* what) {
@@ -170,7 +172,7 @@ void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* 
   GroupParams p(n0, n1);
   for (int64_t g = g0; g < g1; g++) {
     for (int64_t n = n0; n < n1; n++) {
-      p.z[n - n0] = (qz[g * (s.n / 8) + n / 8] >> (4 * (n % 8))) & 15;
+      p.z[n - n0] = (qz[g * (s.n / 8) + n / 8] >> nibble_shift(false, n)) & 15;
       p.s[n - n0] = scale_at<S>(s.s, g * s.n + n);
     }
     for (int64_t w = g * gw; w < (g + 1) * gw; w++) {
@@ -218,7 +220,7 @@ void awq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* o
   GroupParams p(n0, n1);
   for (int64_t g = g0; g < g1; g++) {
     for (int64_t n = n0; n < n1; n++) {
-      p.z[n - n0] = (qz[g * words + n / 8] >> (4 * kAwqNibble[n % 8])) & 15;
+      p.z[n - n0] = (qz[g * words + n / 8] >> nibble_shift(true, n)) & 15;
       p.s[n - n0] = scale_at<S>(s.s, g * s.n + n);
     }
     for (int64_t k = g * sh.G; k < (g + 1) * sh.G; k++) {
@@ -230,7 +232,7 @@ void awq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* o
                     _mm512_loadu_si512(p.z.data() + (n - n0)));
 #endif
       for (; n < n1; n++)
-        put1<S, O>(out, k * ldo + n - origin, p.s[n - n0], (row[n / 8] >> (4 * kAwqNibble[n % 8])) & 15, p.z[n - n0]);
+        put1<S, O>(out, k * ldo + n - origin, p.s[n - n0], (row[n / 8] >> nibble_shift(true, n)) & 15, p.z[n - n0]);
     }
   }
 }
@@ -344,7 +346,7 @@ inline void group_vectors(const Site& s, int64_t g, int64_t n0, int nv, __m512i*
   const int32_t* qz = static_cast<const int32_t*>(s.z) + g * (s.n / 8);
   for (int64_t c = 0; c < 16 * nv; c++) {
     const int64_t n = n0 + c;
-    zs[c] = (qz[n / 8] >> (4 * (AWQ ? kAwqNibble[n % 8] : n % 8))) & 15;
+    zs[c] = (qz[n / 8] >> nibble_shift(AWQ, n)) & 15;
     ss[c] = scale_at<S>(s.s, g * s.n + n);
   }
   for (int j = 0; j < nv; j++) {
@@ -638,26 +640,11 @@ at::Tensor dequant(const Sites& s, at::ScalarType dtype, const at::TensorOptions
 
 #if defined(__AVX512BF16__)
 // A site's low-rank term for the panel GEMM: xe (M, r_pad) bf16, r_pad = r rounded up to even (a zero column
-// after an odd r), times w (r, N), given as int32 pair words (rows 2e and 2e + 1 of w): pairs (r_pad / 2, N), or
-// (N, r_pad / 2) with `by_column`.
+// after an odd r), times w (r, N), given as int32 pair words (N, r_pad / 2): column n's rows 2e and 2e + 1 of w
+// (`up_pairs`).
 struct LowRank {
   at::Tensor xe, pairs;
-  bool by_column = false;
 };
-
-// Pair words of bf16 rows (r, N): rows 2e and 2e + 1 of w (a zero row after an odd r).
-at::Tensor pair_rows(const at::Tensor& w) {
-  const int64_t r = w.size(0), n = w.size(1);
-  at::Tensor out = at::empty({(r + 1) / 2, n}, w.options().dtype(at::kInt));
-  const uint16_t* src = static_cast<const uint16_t*>(w.data_ptr());
-  int32_t* dst = out.data_ptr<int32_t>();
-  for (int64_t e = 0; e < (r + 1) / 2; e++)
-    for (int64_t c = 0; c < n; c++) {
-      const uint32_t lo = src[2 * e * n + c], hi = 2 * e + 1 < r ? src[(2 * e + 1) * n + c] : 0;
-      dst[e * n + c] = static_cast<int32_t>(lo | (hi << 16));
-    }
-  return out;
-}
 
 // y (M, total) bf16 = x (M, K) @ W per site, plus low[i].xe @ w_i for the sites with a low-rank term.
 void panel_mm(const Sites& s, const at::Tensor& x, const std::vector<LowRank>& low, at::Tensor& y) {
@@ -686,15 +673,10 @@ void panel_mm(const Sites& s, const at::Tensor& x, const std::vector<LowRank>& l
         const bool last = k1 == K;
         s.packs[i](site, s.shape, n0, nv, k0, k1, buf.get());
         const int64_t kpe = last && extra ? low[i].xe.size(1) / 2 : 0;
-        if (kpe && low[i].by_column) {  // the low-rank term's pair rows after the slice's
+        if (kpe) {  // the low-rank term's pair rows after the slice's
           const int32_t* pairs = low[i].pairs.data_ptr<int32_t>() + n0 * kpe;
           for (int64_t c = 0; c < 16 * nv; c++)
             for (int64_t e = 0; e < kpe; e++) buf[(kps + e) * kPanel + c] = pairs[c * kpe + e];
-        } else if (kpe) {
-          const int32_t* pairs = low[i].pairs.data_ptr<int32_t>() + n0;
-          for (int64_t e = 0; e < kpe; e++)
-            for (int j = 0; j < nv; j++)
-              _mm512_store_si512(buf.get() + (kps + e) * kPanel + 16 * j, _mm512_loadu_si512(pairs + e * site.n + 16 * j));
         }
         kRows[nv - 1](M, xd + k0, K, kpe ? static_cast<const uint16_t*>(low[i].xe.data_ptr()) : nullptr,
                       kpe ? low[i].xe.size(1) : 0, buf.get(), kps, kpe, k0 == 0, last,
@@ -823,7 +805,7 @@ at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::T
       if (!r) continue;
       low[i].xe = at::zeros({M, r + r % 2}, x.options());
       low[i].xe.narrow(1, 0, r).copy_(extra_in[i]);
-      low[i].pairs = pair_rows(extra_w[i].contiguous());
+      low[i].pairs = up_pairs<c10::BFloat16>(extra_w[i].t().contiguous(), 1.0f);  // bf16 * 1 rounds to itself
     }
     if (M) panel_mm(s, xc, low, y);
     return y;
@@ -904,7 +886,6 @@ at::Tensor lora_mm(const char* op, const at::Tensor& x, const Sites& s, at::Tens
       if (f32) down_projection<float>(xc, as[i], low[i].xe);
       else down_projection<c10::BFloat16>(xc, as[i], low[i].xe);
       low[i].pairs = f32 ? up_pairs<float>(bs[i], sc[i]) : up_pairs<c10::BFloat16>(bs[i], sc[i]);
-      low[i].by_column = true;
     }
     at::Tensor y = at::empty({M, s.total}, x.options());
     if (M) panel_mm(s, xc, low, y);

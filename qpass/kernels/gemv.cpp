@@ -82,7 +82,7 @@ struct Site {
 using qpass_kernels::kAwqNibble;
 
 // The shift of column n's code or zero point in its word.
-inline int zero_shift(const Site& s, int64_t n) { return 4 * (s.awq ? kAwqNibble[n % 8] : n % 8); }
+inline int zero_shift(const Site& s, int64_t n) { return qpass_kernels::nibble_shift(s.awq, n); }
 
 // What the row kernels read about x.
 struct Input {

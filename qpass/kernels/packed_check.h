@@ -11,6 +11,10 @@ namespace qpass_kernels {
 // AutoAWQ's GEMM packing interleaves the 8 columns of a word: column i sits in nibble kAwqNibble[i].
 constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
+// The shift of column n's nibble in a word packed along N (GPTQ/AWQ zero points, AWQ codes): column n % 8 of the
+// word, in AutoAWQ's interleave for AWQ.
+inline int nibble_shift(bool awq, int64_t n) { return 4 * (awq ? kAwqNibble[n % 8] : n % 8); }
+
 // Checks `op`'s per-site lists for 4-bit GPTQ packing (awq = false: int32 qweight (K/8, N)) or AWQ packing
 // (awq = true: int32 qweight (K, N/8)) with in_features K: one qweight, qzeros (G, N/8) and scales (G, N) per
 // site, contiguous, on CPU; the group divides K (GPTQ: and is a multiple of 8); N a multiple of 16.
