@@ -27,7 +27,9 @@
 //   - bfloat16 x (gptq4, awq4, int4pack with 64-column blocks; an even group) on a CPU with AVX512-BF16: the
 //     panel GEMM below, qpass's own micro-kernel; the unpack writes the micro-kernel's packed B directly.
 //   - otherwise: each 512-column chunk of W is unpacked into a buffer that stays in cache and multiplied by the
-//     GEMM library (oneDNN / MKL through at::mm).
+//     GEMM library (oneDNN / MKL through at::mm). Half-precision x on a CPU whose GEMM library has no fast
+//     half path (bf16 without AVX-512, f16 without AVX512-FP16) takes the "wide" GEMM: the chunk holds the
+//     half-precision weights as float32 and x is widened, so at::mm runs in float32 (see kWideBf16).
 // Sibling sites (q/k/v) are passed together; their outputs are concatenated.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -49,13 +51,37 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QPASS_AVX2 1  // AVX2 + FMA + F16C without AVX-512: 8-lane unpack (gptq4, awq4)
 #endif
 
 namespace {
 
 using qpass_kernels::nibble_shift;
 
-enum Kind { F32 = 0, BF16 = 1, F16 = 2 };
+// F32_BF16 / F32_F16: the weight rounded to bfloat16 / float16 (the value the half-precision unpack gives),
+// stored as float32 — the "wide" GEMM below.
+enum Kind { F32 = 0, BF16 = 1, F16 = 2, F32_BF16 = 3, F32_F16 = 4 };
+constexpr int rounding(int o) { return o == F32_BF16 ? BF16 : o == F32_F16 ? F16 : o; }  // the weight's values
+constexpr int storage(int o) { return o >= F32_BF16 ? F32 : o; }                         // its buffer's dtype
+
+// Half-precision x whose GEMM library has no fast path on the CPU the kernels were built for: the "wide" GEMM —
+// x and the unpacked weight (its half-precision values) in float32, multiplied by the float32 GEMM, rounded
+// once. bf16 x bf16 and f16 x f16 products are exact in float32 and a half-precision GEMM accumulates in
+// float32 too, so this is the same computation. bfloat16 without AVX-512 (oneDNN has no bf16 kernel for
+// AVX2: 128x1024x3072 took 654 ms in bf16 against 7.1 ms in float32 on a Zen 2 VM) and float16 without
+// AVX512-FP16 (889 ms vs 5.8 on a Zen 4).
+#if defined(__AVX512F__)
+constexpr bool kWideBf16 = false;
+#else
+constexpr bool kWideBf16 = true;
+#endif
+#if defined(__AVX512FP16__)
+constexpr bool kWideF16 = false;
+#else
+constexpr bool kWideF16 = true;
+#endif
 
 Kind kind_of(at::ScalarType t, const char* what) {
   switch (t) {
@@ -91,7 +117,7 @@ inline void store1(void* out, int64_t i, float v) {
 
 template <int S, int O>
 inline void put1(void* out, int64_t i, float scale, int32_t code, int32_t zero) {
-  store1<O>(out, i, round_to<S>(scale * static_cast<float>(code - zero)));
+  store1<storage(O)>(out, i, round_to<rounding(O)>(round_to<S>(scale * static_cast<float>(code - zero))));
 }
 
 #if defined(__AVX512F__)
@@ -128,9 +154,49 @@ inline void store16(void* out, int64_t i, __m512 v) {
 // Rounding to the scales' dtype first matters only when the output dtype differs (round(round(v)) = round(v)).
 template <int S, int O>
 inline void put16(void* out, int64_t i, __m512 s, __m512i q, __m512i z) {
-  const __m512 v = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)));
-  if constexpr (S == O) store16<O>(out, i, v);
-  else store16<O>(out, i, round_to<S>(v));
+  constexpr int R = rounding(O), D = storage(O);
+  __m512 v = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)));
+  if constexpr (S != R) v = round_to<S>(v);
+  if constexpr (R != D) v = round_to<R>(v);  // wide: the half-precision value, stored as float32
+  store16<D>(out, i, v);
+}
+#elif defined(QPASS_AVX2)
+// float32 -> bfloat16 bits (low 16 of each lane), round to nearest even (finite inputs).
+inline __m256i bf16_bits8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+template <int K>
+inline __m256 round_to(__m256 v) {
+  if constexpr (K == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  else if constexpr (K == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+  else return v;
+}
+
+template <int O>
+inline void store8(void* out, int64_t i, __m256 v) {
+  if constexpr (O == F16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<c10::Half*>(out) + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (O == BF16) {
+    const __m256i b = bf16_bits8(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<c10::BFloat16*>(out) + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+  }
+}
+
+// 8 weights, as put16.
+template <int S, int O>
+inline void put8(void* out, int64_t i, __m256 s, __m256i q, __m256i z) {
+  constexpr int R = rounding(O), D = storage(O);
+  __m256 v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, z)));
+  if constexpr (S != R) v = round_to<S>(v);
+  if constexpr (R != D) v = round_to<R>(v);
+  store8<D>(out, i, v);
 }
 #endif
 
@@ -187,6 +253,15 @@ void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* 
         for (int j = 0; j < 8; j++)
           put16<S, O>(out, (w * 8 + j) * ldo + n - origin, sv, _mm512_and_si512(_mm512_srli_epi32(r, 4 * j), mask), zv);
       }
+#elif defined(QPASS_AVX2)
+      const __m256i mask = _mm256_set1_epi32(15);
+      for (; n + 8 <= n1; n += 8) {
+        const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + n));
+        const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.z.data() + (n - n0)));
+        const __m256 sv = _mm256_loadu_ps(p.s.data() + (n - n0));
+        for (int j = 0; j < 8; j++)
+          put8<S, O>(out, (w * 8 + j) * ldo + n - origin, sv, _mm256_and_si256(_mm256_srli_epi32(r, 4 * j), mask), zv);
+      }
 #endif
       for (; n < n1; n++)
         for (int j = 0; j < 8; j++)
@@ -230,6 +305,13 @@ void awq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* o
       for (; n + 16 <= n1; n += 16)
         put16<S, O>(out, k * ldo + n - origin, _mm512_loadu_ps(p.s.data() + (n - n0)), awq_codes16(row + n / 8),
                     _mm512_loadu_si512(p.z.data() + (n - n0)));
+#elif defined(QPASS_AVX2)
+      const __m256i shifts = _mm256_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28);  // column i's nibble: R[i]
+      for (; n + 8 <= n1; n += 8) {  // one word: 8 columns
+        const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(row[n / 8]), shifts), _mm256_set1_epi32(15));
+        put8<S, O>(out, k * ldo + n - origin, _mm256_loadu_ps(p.s.data() + (n - n0)), q,
+                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.z.data() + (n - n0))));
+      }
 #endif
       for (; n < n1; n++)
         put1<S, O>(out, k * ldo + n - origin, p.s[n - n0], (row[n / 8] >> nibble_shift(true, n)) & 15, p.z[n - n0]);
@@ -534,8 +616,19 @@ UnpackFn pick_out(Kind o) {
   switch (o) {
     case F16: return F<S, F16>::fn;
     case BF16: return F<S, BF16>::fn;
+    case F32_BF16: return F<S, F32_BF16>::fn;
+    case F32_F16: return F<S, F32_F16>::fn;
     default: return F<S, F32>::fn;
   }
+}
+
+// The output kind of the unpack for x of dtype `out`: `mm` (a GEMM, not `_dequant`) with the wide GEMM, the
+// half-precision values stored as float32.
+Kind unpack_kind(at::ScalarType out, bool mm) {
+  const Kind o = kind_of(out, "output");
+  if (mm && o == BF16 && kWideBf16) return F32_BF16;
+  if (mm && o == F16 && kWideF16) return F32_F16;
+  return o;
 }
 
 template <template <int, int> class F>
@@ -555,15 +648,17 @@ struct Sites {
   int64_t total = 0;
   int64_t step = 16;  // column granularity of the layout (a chunk or work item starts at a multiple of it)
   bool by_rows = true;  // the layout is read row by row (gptq4, awq4): threads split the groups, not the columns
+  bool wide = false;    // half-precision x through the float32 GEMM (unpack_kind)
 };
 
 // gptq4 (awq = false) or awq4 (awq = true) sites: int32 codes, int32 zero points packed along N, scales.
 Sites packed_sites(bool awq, const char* op, int64_t K, at::TensorList qweight, at::TensorList qzeros,
-                   at::TensorList scales, int64_t group, at::ScalarType out) {
+                   at::TensorList scales, int64_t group, at::ScalarType out, bool mm) {
   const std::vector<int64_t> ns = qpass_kernels::check_packed(op, awq, K, qweight, qzeros, scales, group);
   Sites r;
   r.shape = {K, group, 0};
-  const Kind o = kind_of(out, "output");
+  const Kind o = unpack_kind(out, mm);
+  r.wide = o != kind_of(out, "output");
   for (size_t i = 0; i < ns.size(); i++) {
     r.list.push_back({qweight[i].data_ptr(), qzeros[i].data_ptr(), scales[i].data_ptr(), ns[i], r.total});
     const Kind sk = kind_of(scales[i].scalar_type(), "scales");
@@ -577,7 +672,7 @@ Sites packed_sites(bool awq, const char* op, int64_t K, at::TensorList qweight, 
 }
 
 Sites int4pack_sites(const char* op, int64_t K, at::TensorList qweight, at::TensorList scales,
-                     at::TensorList zero_codes, int64_t group, int64_t block_n, at::ScalarType out) {
+                     at::TensorList zero_codes, int64_t group, int64_t block_n, at::ScalarType out, bool mm) {
   TORCH_CHECK(!qweight.empty() && qweight.size() == scales.size() && qweight.size() == zero_codes.size(), "qpass ",
               op, ": one qweight, scales and zero codes per site");
   TORCH_CHECK(group > 0 && K % group == 0 && (block_n == 32 || block_n == 64), "qpass ", op, ": group ", group,
@@ -586,7 +681,8 @@ Sites int4pack_sites(const char* op, int64_t K, at::TensorList qweight, at::Tens
   r.shape = {K, group, block_n};
   r.step = block_n;
   r.by_rows = false;  // column blocks of block_n, each k-major
-  const Kind o = kind_of(out, "output");
+  const Kind o = unpack_kind(out, mm);
+  r.wide = o != kind_of(out, "output");
   for (size_t i = 0; i < qweight.size(); i++) {
     const auto& qw = qweight[i];
     const auto& sc = scales[i];
@@ -785,6 +881,12 @@ at::Tensor chunked_mm(const char* op, const at::Tensor& x, const Sites& s, at::T
                       at::TensorList extra_w) {
   TORCH_CHECK(extra_in.size() == extra_w.size() && (extra_in.empty() || extra_in.size() == s.list.size()), "qpass ",
               op, ": extra_in and extra_w need one tensor per site (or none)");
+  if (s.wide && x.scalar_type() != at::kFloat) {  // the wide GEMM: x, the extras and the weight in float32
+    std::vector<at::Tensor> ein, ew;
+    for (const auto& e : extra_in) ein.push_back(e.scalar_type() == x.scalar_type() ? e.to(at::kFloat) : e);
+    for (const auto& e : extra_w) ew.push_back(e.scalar_type() == x.scalar_type() ? e.to(at::kFloat) : e);
+    return chunked_mm(op, x.to(at::kFloat), s, ein, ew).to(x.scalar_type());
+  }
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0), K = s.shape.K;
   auto check_extra = [&](size_t i) {
@@ -894,7 +996,9 @@ at::Tensor lora_mm(const char* op, const at::Tensor& x, const Sites& s, at::Tens
 #endif
   std::vector<at::Tensor> ein, ew;
   for (size_t i = 0; i < n; i++) {
-    ein.push_back(at::mm(xc.to(as[i].scalar_type()), as[i].t()).to(x.scalar_type()));
+    // t in the adapter's dtype (x cast to it, as PEFT does); a bf16 adapter under the wide GEMM in float32
+    const at::ScalarType td = s.wide ? at::kFloat : as[i].scalar_type();
+    ein.push_back(at::mm(xc.to(as[i].scalar_type()).to(td), as[i].to(td).t()).to(x.scalar_type()));
     ew.push_back(bs[i].mul(sc[i]).to(x.scalar_type()).t().contiguous());
   }
   return chunked_mm(op, xc, s, ein, ew);
@@ -907,7 +1011,7 @@ at::Tensor packed_dequant(at::TensorList qweight, at::TensorList qzeros, at::Ten
   const char* op = AWQ ? "awq4_dequant" : "gptq4_dequant";
   TORCH_CHECK(!qweight.empty(), "qpass ", op, ": no sites");
   const int64_t K = AWQ ? qweight[0].size(0) : qweight[0].size(0) * 8;
-  return dequant(packed_sites(AWQ, op, K, qweight, qzeros, scales, group, dtype), dtype, qweight[0].options());
+  return dequant(packed_sites(AWQ, op, K, qweight, qzeros, scales, group, dtype, false), dtype, qweight[0].options());
 }
 
 template <bool AWQ>
@@ -915,8 +1019,8 @@ at::Tensor packed_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList
                      int64_t group, at::TensorList extra_in, at::TensorList extra_w) {
   const char* op = AWQ ? "awq4_mm" : "gptq4_mm";
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass ", op, ": x must be a 2-D CPU tensor");
-  return chunked_mm(op, x, packed_sites(AWQ, op, x.size(1), qweight, qzeros, scales, group, x.scalar_type()), extra_in,
-                    extra_w);
+  return chunked_mm(op, x, packed_sites(AWQ, op, x.size(1), qweight, qzeros, scales, group, x.scalar_type(), true),
+                    extra_in, extra_w);
 }
 
 template <bool AWQ>
@@ -924,23 +1028,23 @@ at::Tensor packed_mm_lora(const at::Tensor& x, at::TensorList qweight, at::Tenso
                           int64_t group, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling) {
   const char* op = AWQ ? "awq4_mm_lora" : "gptq4_mm_lora";
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass ", op, ": x must be a 2-D CPU tensor");
-  return lora_mm(op, x, packed_sites(AWQ, op, x.size(1), qweight, qzeros, scales, group, x.scalar_type()), lora_a,
-                 lora_b, scaling);
+  return lora_mm(op, x, packed_sites(AWQ, op, x.size(1), qweight, qzeros, scales, group, x.scalar_type(), true),
+                 lora_a, lora_b, scaling);
 }
 
 at::Tensor int4pack_dequant(at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes, int64_t group,
                             int64_t block_n, at::ScalarType dtype) {
   TORCH_CHECK(!qweight.empty() && !scales.empty() && scales[0].dim() == 2, "qpass int4pack_dequant: no sites");
   const int64_t K = scales[0].size(0) * group;
-  return dequant(int4pack_sites("int4pack_dequant", K, qweight, scales, zero_codes, group, block_n, dtype), dtype,
-                 qweight[0].options());
+  return dequant(int4pack_sites("int4pack_dequant", K, qweight, scales, zero_codes, group, block_n, dtype, false),
+                 dtype, qweight[0].options());
 }
 
 at::Tensor int4pack_mm(const at::Tensor& x, at::TensorList qweight, at::TensorList scales, at::TensorList zero_codes,
                        int64_t group, int64_t block_n, at::TensorList extra_in, at::TensorList extra_w) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass int4pack_mm: x must be a 2-D CPU tensor");
   return chunked_mm("int4pack_mm", x, int4pack_sites("int4pack_mm", x.size(1), qweight, scales, zero_codes, group,
-                                                     block_n, x.scalar_type()), extra_in, extra_w);
+                                                     block_n, x.scalar_type(), true), extra_in, extra_w);
 }
 
 at::Tensor int4pack_mm_lora(const at::Tensor& x, at::TensorList qweight, at::TensorList scales,
@@ -948,7 +1052,7 @@ at::Tensor int4pack_mm_lora(const at::Tensor& x, at::TensorList qweight, at::Ten
                             at::TensorList lora_b, at::TensorList scaling) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "qpass int4pack_mm_lora: x must be a 2-D CPU tensor");
   return lora_mm("int4pack_mm_lora", x, int4pack_sites("int4pack_mm_lora", x.size(1), qweight, scales, zero_codes,
-                                                       group, block_n, x.scalar_type()), lora_a, lora_b, scaling);
+                                                       group, block_n, x.scalar_type(), true), lora_a, lora_b, scaling);
 }
 
 }  // namespace
