@@ -176,6 +176,25 @@ for _op in ("gptq4_mm_lora", "awq4_mm_lora", "int4pack_mm_lora"):
     torch.library.register_fake(f"qpass_kernels::{_op}", _mm_fake, lib=_LIB)
 
 
+def wide_gemm(dtype: torch.dtype) -> bool:
+    """Whether a CPU GEMM in half-precision `dtype` is done in float32 here: oneDNN has no fast kernel for it on
+    this CPU (bf16 on AVX2-only CPUs: 128x1024x3072 in 654 ms vs 7.1 ms float32 on a Zen 2; fp16 without
+    AVX512-FP16). The C++ `_mm` kernels decide the same at build time (kWideBf16 / kWideF16 in dequant.cpp)."""
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in a's dtype; through float32 where `wide_gemm` (products of half-precision values are exact in
+    float32 and the half-precision GEMM accumulates in float32 too, so only the speed changes)."""
+    if a.device.type == "cpu" and wide_gemm(a.dtype):
+        return (a.float() @ b.float()).to(a.dtype)
+    return a @ b
+
+
 def _register_backward(mm: str, dequant: str) -> None:
     """The backward of `mm(x, list, list, list, *ints, extra_in, extra_w)` = x @ W (+ extra_in[i] @ extra_w[i]
     per site): dx = dy @ W^T with W unpacked again by `dequant(list, list, list, *ints, dtype)` instead of saved
@@ -195,11 +214,11 @@ def _register_backward(mm: str, dequant: str) -> None:
         dx = None
         if ctx.needs_input_grad[0]:
             w = getattr(torch.ops.qpass_kernels, dequant)(*lists, *ctx.ints, grad.dtype)
-            dx = grad @ w.t()
+            dx = _matmul(grad, w.t())
         dys = grad.split(ctx.splits, 1) if e else []
         none = [None] * n
         return ((dx, none, none, none) + (None,) * len(ctx.ints)
-                + ([dy @ w.t() for dy, w in zip(dys, ew)], [t.t() @ dy for dy, t in zip(dys, ein)]))
+                + ([_matmul(dy, w.t()) for dy, w in zip(dys, ew)], [_matmul(t.t(), dy) for dy, t in zip(dys, ein)]))
 
     torch.library.register_autograd(f"qpass_kernels::{mm}", backward, setup_context=setup, lib=_LIB)
 
