@@ -12,7 +12,8 @@ aten's kernel per layer at one row (benchmarks --kernels).
 `{gptq4,awq4,int4pack}_mm(x, ..., extra_in, extra_w)` and `..._dequant` (dequant.cpp): the prefill / training
 GEMM — 4-bit codes unpacked into the activation dtype, bit-exact to the library's dequantize. bfloat16 x
 (GPTQ/AWQ packing, the int4pack layout; AVX512-BF16): qpass's own micro-kernel, the codes unpacked into its B
-panels (64 columns, in L2); otherwise cache-sized column chunks, each multiplied by the GEMM library at once.
+panels (64 columns, in L2); otherwise cache-sized column chunks, each multiplied by the GEMM library at once
+(half-precision x on CPUs without a fast half-precision GEMM: in float32 on the same values, `wide_gemm`).
 Optional low-rank terms (LoRA's up-projection) added in the same accumulation; differentiable (the backward
 unpacks again).
 
