@@ -671,6 +671,13 @@ void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part
     const int nr = static_cast<int>(std::min<int64_t>(kAwqRows, 8 * seg.w1 - k));
     for (int64_t b0 = 0; b0 < wpr; b0 += 16) {
       const int nw = static_cast<int>(std::min<int64_t>(16, wpr - b0));
+#if defined(QPASS_AVX2)
+      // The same block's lines of the next kAwqRows rows, one sweep ahead: the sweep reads kAwqRows rows a
+      // 64-byte line at a time, kAwqRows streams too many for the hardware prefetcher. The benchmark model's 16
+      // AWQ decode calls: 3.69 -> 2.53 ms (interleaved; the same for GPTQ's loop made it 3.5% slower).
+      for (int64_t i = k + kAwqRows; i < std::min<int64_t>(k + kAwqRows + nr, in.K); i++)
+        __builtin_prefetch(s.qweight + i * wpr + b0, 0, 3);
+#endif
       if (M == 1) {
 #if defined(__AVX512BF16__)
         if (in.bf16 && wpr - b0 > 16) {  // two blocks (the second may be a tail)
