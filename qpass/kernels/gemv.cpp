@@ -57,13 +57,6 @@
 
 #include "packed_check.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define QPASS_AVX2 1  // AVX2 + FMA + F16C without AVX-512 (Zen 2/3, Intel client cores): 8-lane versions
-#endif
-
 namespace {
 
 struct Lora {

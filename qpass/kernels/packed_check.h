@@ -1,10 +1,20 @@
 // What both of qpass's kernels over gptqmodel / AutoAWQ int32 packings share (gemv.cpp, dequant.cpp): the
-// AWQ column interleave, and the input check (one message per way a site can be wrong, naming the op and the site).
+// instruction set they are built for, the AWQ column interleave, and the input check (one message per way a
+// site can be wrong, naming the op and the site).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <vector>
+
+// Each vector loop has an AVX-512 build, an AVX2 build (QPASS_AVX2: AVX2 + FMA + F16C without AVX-512 — AMD
+// Zen 2/3, Intel client cores; 8 lanes) and portable C++, picked by the compiler's target (-march=native).
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QPASS_AVX2 1
+#endif
 
 namespace qpass_kernels {
 
