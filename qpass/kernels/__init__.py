@@ -4,8 +4,9 @@
 decode-step matmul (a few rows) that reads 4-bit GPTQ weights in gptqmodel's own packing, or AWQ weights in
 AutoAWQ's GEMM packing (autoawq's WQLinear_GEMM, gptqmodel's AWQ classes), for every activation dtype
 (bfloat16 x through AVX512-BF16 dot products where the CPU has them, else widened to float32 and multiplied
-by the AVX2 or portable loop, returned in bfloat16; others multiplied and returned as float32), optionally with each site's LoRA added in the same call. The int4 kernel aten
-ships (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its own layout — a second copy of every
+by the AVX-512, AVX2 or portable loop, returned in bfloat16; others multiplied and returned as float32),
+optionally with each site's LoRA added in the same call. The int4 kernel aten ships
+(`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its own layout — a second copy of every
 weight — and bf16 activations; this kernel needs neither, and on the benchmark machine runs within 0-25% of
 aten's kernel per layer at one row (benchmarks --kernels).
 
