@@ -181,7 +181,7 @@ for _op in ("gptq4_mm_lora", "awq4_mm_lora", "int4pack_mm_lora"):
 def wide_gemm(dtype: torch.dtype) -> bool:
     """Whether a CPU GEMM in half-precision `dtype` is done in float32 here: oneDNN has no fast kernel for it on
     this CPU (bf16 on AVX2-only CPUs: 128x1024x3072 in 654 ms vs 7.1 ms float32 on a Zen 2; fp16 without
-    AVX512-FP16). The C++ `_mm` kernels decide the same at build time (kWideBf16 / kWideF16 in dequant.cpp)."""
+    AVX512-FP16). The C++ `_mm` kernels ask oneDNN the same questions (`wide` in dequant.cpp)."""
     if dtype == torch.bfloat16:
         return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if dtype == torch.float16:

@@ -27,12 +27,13 @@
 //   - bfloat16 x (gptq4, awq4, int4pack with 64-column blocks; an even group) on a CPU with AVX512-BF16: the
 //     panel GEMM below, qpass's own micro-kernel; the unpack writes the micro-kernel's packed B directly.
 //   - otherwise: each 512-column chunk of W is unpacked into a buffer that stays in cache and multiplied by the
-//     GEMM library (oneDNN / MKL through at::mm). Half-precision x on a CPU whose GEMM library has no fast
-//     half path (bf16 without AVX-512, f16 without AVX512-FP16) takes the "wide" GEMM: the chunk holds the
-//     half-precision weights as float32 and x is widened, so at::mm runs in float32 (see kWideBf16).
+//     GEMM library (oneDNN / MKL through at::mm). Half-precision x on a CPU where oneDNN has no fast
+//     half-precision kernel (bf16 without AVX-512, f16 without AVX512-FP16) takes the "wide" GEMM: the
+//     chunk holds the half-precision weights as float32 and x is widened, so at::mm runs in float32 (`wide`).
 // Sibling sites (q/k/v) are passed together; their outputs are concatenated.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -59,22 +60,21 @@ enum Kind { F32 = 0, BF16 = 1, F16 = 2, F32_BF16 = 3, F32_F16 = 4 };
 constexpr int rounding(int o) { return o == F32_BF16 ? BF16 : o == F32_F16 ? F16 : o; }  // the weight's values
 constexpr int storage(int o) { return o >= F32_BF16 ? F32 : o; }                         // its buffer's dtype
 
-// Half-precision x whose GEMM library has no fast path on the CPU the kernels were built for: the "wide" GEMM —
-// x and the unpacked weight (its half-precision values) in float32, multiplied by the float32 GEMM, rounded
-// once. bf16 x bf16 and f16 x f16 products are exact in float32 and a half-precision GEMM accumulates in
-// float32 too, so this is the same computation. bfloat16 without AVX-512 (oneDNN has no bf16 kernel for
-// AVX2: 128x1024x3072 took 654 ms in bf16 against 7.1 ms in float32 on a Zen 2 VM) and float16 without
-// AVX512-FP16 (889 ms vs 5.8 on a Zen 4).
-#if defined(__AVX512F__)
-constexpr bool kWideBf16 = false;
-#else
-constexpr bool kWideBf16 = true;
-#endif
-#if defined(__AVX512FP16__)
-constexpr bool kWideF16 = false;
-#else
-constexpr bool kWideF16 = true;
-#endif
+// Half-precision x whose GEMM library has no fast kernel on this CPU: the "wide" GEMM — x and the unpacked
+// weight (its half-precision values) in float32, multiplied by the float32 GEMM, rounded once. bf16 x bf16 and
+// f16 x f16 products are exact in float32 and a half-precision GEMM accumulates in float32 too, so this is the
+// same computation. oneDNN (what at::mm calls) says itself whether it has the kernel; Python's
+// `kernels.wide_gemm`, which the backward uses, asks the same two questions. No bf16 kernel for AVX2:
+// 128x1024x3072 took 654 ms in bf16 against 7.1 ms in float32 on a Zen 2 VM; fp16 without AVX512-FP16: 889 ms
+// vs 5.8 on a Zen 4.
+bool onednn_has(const char* op) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(op, "").typed<bool()>().call();
+}
+bool wide(Kind o) {
+  static const bool bf16 = !onednn_has("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool f16 = !onednn_has("mkldnn::_is_mkldnn_fp16_supported");
+  return o == BF16 ? bf16 : o == F16 && f16;
+}
 
 Kind kind_of(at::ScalarType t, const char* what) {
   switch (t) {
@@ -154,12 +154,7 @@ inline void put16(void* out, int64_t i, __m512 s, __m512i q, __m512i z) {
   store16<D>(out, i, v);
 }
 #elif defined(QPASS_AVX2)
-// float32 -> bfloat16 bits (low 16 of each lane), round to nearest even (finite inputs).
-inline __m256i bf16_bits8(__m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-}
+using qpass_kernels::bf16_bits8;
 
 template <int K>
 inline __m256 round_to(__m256 v) {
@@ -174,9 +169,7 @@ inline void store8(void* out, int64_t i, __m256 v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<c10::Half*>(out) + i),
                      _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else if constexpr (O == BF16) {
-    const __m256i b = bf16_bits8(v);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<c10::BFloat16*>(out) + i),
-                     _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+    qpass_kernels::store_u16x8(static_cast<c10::BFloat16*>(out) + i, bf16_bits8(v));
   } else {
     _mm256_storeu_ps(static_cast<float*>(out) + i, v);
   }
@@ -619,9 +612,8 @@ UnpackFn pick_out(Kind o) {
 // half-precision values stored as float32.
 Kind unpack_kind(at::ScalarType out, bool mm) {
   const Kind o = kind_of(out, "output");
-  if (mm && o == BF16 && kWideBf16) return F32_BF16;
-  if (mm && o == F16 && kWideF16) return F32_F16;
-  return o;
+  if (!mm || !wide(o)) return o;
+  return o == BF16 ? F32_BF16 : F32_F16;
 }
 
 template <template <int, int> class F>
@@ -651,7 +643,7 @@ Sites packed_sites(bool awq, const char* op, int64_t K, at::TensorList qweight, 
   Sites r;
   r.shape = {K, group, 0};
   const Kind o = unpack_kind(out, mm);
-  r.wide = o != kind_of(out, "output");
+  r.wide = storage(o) != o;
   for (size_t i = 0; i < ns.size(); i++) {
     r.list.push_back({qweight[i].data_ptr(), qzeros[i].data_ptr(), scales[i].data_ptr(), ns[i], r.total});
     const Kind sk = kind_of(scales[i].scalar_type(), "scales");
@@ -675,7 +667,7 @@ Sites int4pack_sites(const char* op, int64_t K, at::TensorList qweight, at::Tens
   r.step = block_n;
   r.by_rows = false;  // column blocks of block_n, each k-major
   const Kind o = unpack_kind(out, mm);
-  r.wide = o != kind_of(out, "output");
+  r.wide = storage(o) != o;
   for (size_t i = 0; i < qweight.size(); i++) {
     const auto& qw = qweight[i];
     const auto& sc = scales[i];

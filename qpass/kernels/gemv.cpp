@@ -251,12 +251,8 @@ inline __m256 up8(const T* b, int64_t r, const float* t) {
 
 // 8 float32 to bfloat16, rounded to nearest even as c10::BFloat16 (NaN -> 0x7FC0).
 inline void store_bf16(at::BFloat16* out, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));  // values <= 0xFFFF
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  qpass_kernels::store_u16x8(out, _mm256_blendv_epi8(qpass_kernels::bf16_bits8(v), _mm256_set1_epi32(0x7FC0), nan));
 }
 #endif
 
@@ -622,6 +618,13 @@ struct Prefetch {
   }
 };
 
+// Thread p of T's columns [begin, end) of a site of n columns in phase 2: whole blocks of 16, the last thread
+// to the end.
+inline std::pair<int64_t, int64_t> thread_columns(int64_t n, int p, int T) {
+  const int64_t blocks = n / 16;
+  return {16 * (blocks * p / T), p == T - 1 ? n : 16 * (blocks * (p + 1) / T)};
+}
+
 // Segment `seg` of site s: acc (M, ldy) += s * (sum x (c + q) - (c + z) sum x); pf (if any) advanced by the
 // weight bytes read.
 void segment(const Site& s, const Input& in, const Segment& seg, float* part, float* acc, int64_t ldy, Prefetch* pf) {
@@ -817,8 +820,8 @@ at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorL
         j = stop;
       }
       for (const Site& s : sites) {  // the B rows of this thread's columns (phase 2)
-        const int64_t blocks = s.n / 16, es = s.lora.bf16 ? 2 : 4, nb = 16 * (blocks * p / T);
-        const int64_t ne = p == T - 1 ? s.n : 16 * (blocks * (p + 1) / T);
+        const auto [nb, ne] = thread_columns(s.n, p, T);
+        const int64_t es = s.lora.bf16 ? 2 : 4;
         pf.add(static_cast<const char*>(s.lora.b) + nb * s.lora.r * es, (ne - nb) * s.lora.r * es);
         for (const Segment& seg : segs) pf.total += 4 * (seg.w1 - seg.w0) * s.n;  // word rows x N words (GPTQ)
       }                                                                           // = K rows x N/8 words (AWQ)
@@ -836,8 +839,7 @@ at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorL
     }
 #pragma omp barrier
     for (const Site& s : sites) {  // thread p: its share of every site's columns, in blocks of 16
-      const int64_t blocks = s.n / 16, n_begin = 16 * (blocks * p / T);
-      const int64_t n_end = p == T - 1 ? s.n : 16 * (blocks * (p + 1) / T);
+      const auto [n_begin, n_end] = thread_columns(s.n, p, T);
       for (int64_t m = 0; m < M; m++) {
         const float* tm = t.data() + m * rt + s.lora.t_offset;
         const float* am = acc.data() + m * total + s.col;  // thread q's sums at am + q M total

@@ -21,6 +21,20 @@ namespace qpass_kernels {
 // AutoAWQ's GEMM packing interleaves the 8 columns of a word: column i sits in nibble kAwqNibble[i].
 constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
+#if defined(QPASS_AVX2)
+// float32 -> bfloat16 bits in the low 16 of each lane, rounded to nearest even (finite inputs).
+inline __m256i bf16_bits8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+// The 8 lanes of b (each <= 0xFFFF) as 8 uint16 at out.
+inline void store_u16x8(void* out, __m256i b) {
+  _mm_storeu_si128(static_cast<__m128i*>(out), _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+#endif
+
 // The shift of column n's nibble in a word packed along N (GPTQ/AWQ zero points, AWQ codes): column n % 8 of the
 // word, in AutoAWQ's interleave for AWQ.
 inline int nibble_shift(bool awq, int64_t n) { return 4 * (awq ? kAwqNibble[n % 8] : n % 8); }
