@@ -256,9 +256,17 @@ class Workloads:
             self.caches[cfg.name] = cache
         return self.caches[cfg.name]
 
+    @staticmethod
+    def _mode(cfg, training):
+        """Switch train/eval only when it changes: `Module.train()` walks every submodule (measured on the full
+        model: 0.14 ms for qpass's, 1.27 ms for PEFT's), which is no part of a decode, prefill or training step;
+        until 2026-11-24 every timed step paid it."""
+        if cfg.model.training != training:
+            cfg.model.train(training)
+
     def decode(self, cfg):
         cache = self._cache(cfg)
-        cfg.model.eval()
+        self._mode(cfg, False)
         n = self.prompt.shape[1]
         with torch.no_grad():
             out = cfg.call(self.next_token, past_key_values=cache, use_cache=True,
@@ -267,12 +275,12 @@ class Workloads:
         return out.logits
 
     def prefill(self, cfg):
-        cfg.model.eval()
+        self._mode(cfg, False)
         with torch.no_grad():
             return cfg.call(self.prompt, use_cache=False).logits
 
     def train(self, cfg):
-        cfg.model.train()
+        self._mode(cfg, True)
         opt = self.optimizers.get(cfg.name)
         if opt is None:
             params = [p for p in cfg.model.parameters() if p.requires_grad]
