@@ -356,6 +356,31 @@ void int4pack_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, voi
       }
       continue;
     }
+#elif defined(QPASS_AVX2)
+    if (bn == 32) {  // aten's block on CPUs without AVX-512: row k is 16 bytes, column d + 16 in byte d's high nibble
+      for (int64_t g = g0; g < g1; g++) {
+        __m256i zv[4];
+        __m256 sv[4];
+        for (int v = 0; v < 4; v++) {
+          zv[v] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zc + g * s.n + b0 + 8 * v)));
+          alignas(32) float st[8];
+          for (int c = 0; c < 8; c++) st[c] = scale_at<S>(s.s, g * s.n + b0 + 8 * v + c);
+          sv[v] = _mm256_load_ps(st);
+        }
+        const __m256i mask = _mm256_set1_epi32(15);
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+          const uint8_t* row = block + k * half;
+          const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
+          const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8)));
+          const int64_t at = k * ldo + b0 - origin;
+          put8<S, O>(out, at, sv[0], _mm256_and_si256(lo, mask), zv[0]);      // columns 0..7
+          put8<S, O>(out, at + 8, sv[1], _mm256_and_si256(hi, mask), zv[1]);  // 8..15
+          put8<S, O>(out, at + 16, sv[2], _mm256_srli_epi32(lo, 4), zv[2]);   // 16..23
+          put8<S, O>(out, at + 24, sv[3], _mm256_srli_epi32(hi, 4), zv[3]);   // 24..31
+        }
+      }
+      continue;
+    }
 #endif
     for (int64_t k = g0 * G; k < g1 * G; k++) {
       const int64_t g = k / G;
