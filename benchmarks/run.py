@@ -249,7 +249,7 @@ class Workloads:
         from transformers import DynamicCache
 
         if cfg.name not in self.caches:
-            cfg.model.eval()
+            self._mode(cfg, False)
             cache = DynamicCache(config=getattr(cfg.model, "config", None))
             with torch.no_grad():
                 cfg.model(self.prompt, past_key_values=cache, use_cache=True)  # eager prefill fills the cache

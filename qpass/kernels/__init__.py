@@ -27,6 +27,7 @@ Set QPASS_CPP_KERNELS=0 to never build or use them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -178,10 +179,12 @@ for _op in ("gptq4_mm_lora", "awq4_mm_lora", "int4pack_mm_lora"):
     torch.library.register_fake(f"qpass_kernels::{_op}", _mm_fake, lib=_LIB)
 
 
+@functools.cache
 def wide_gemm(dtype: torch.dtype) -> bool:
     """Whether a CPU GEMM in half-precision `dtype` is done in float32 here: oneDNN has no fast kernel for it on
     this CPU (bf16 on AVX2-only CPUs: 128x1024x3072 in 654 ms vs 7.1 ms float32 on a Zen 2; fp16 without
-    AVX512-FP16). The C++ `_mm` kernels ask oneDNN the same questions (`wide` in dequant.cpp)."""
+    AVX512-FP16). The C++ `_mm` kernels ask oneDNN the same questions (`wide` in dequant.cpp) and, like this,
+    ask once per process: the backward calls it for every matmul."""
     if dtype == torch.bfloat16:
         return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if dtype == torch.float16:

@@ -810,11 +810,15 @@ at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorL
       segs.push_back({g, w0, w1, std::move(sums)});
       w0 = w1;
     }
+    // Row j of t (and of the stacked A rows) belongs to the site whose LoRA rows [t_offset, t_offset + r) hold it.
+    const auto owner = [&sites](int64_t j) -> const Site& {
+      return *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
+        return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
+    };
     Prefetch pf;
     if (lora) {
       for (int64_t j = rt * p / T, e = rt * (p + 1) / T; j < e;) {  // the A rows of this thread's share of t
-        const Site& s = *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
-          return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
+        const Site& s = owner(j);
         const int64_t stop = std::min(e, s.lora.t_offset + s.lora.r), es = s.lora.bf16 ? 2 : 4;
         pf.add(static_cast<const char*>(s.lora.a) + (j - s.lora.t_offset) * K * es, (stop - j) * K * es);
         j = stop;
@@ -830,8 +834,7 @@ at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorL
       for (const Segment& seg : segs)
         (AWQ ? segment_awq : segment)(s, in, seg, part.data(), acc.data() + p * M * total, total, lora ? &pf : nullptr);
     for (int64_t j = rt * p / T; j < rt * (p + 1) / T; j++) {
-      const Site& s = *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
-        return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
+      const Site& s = owner(j);
       const int64_t row = (j - s.lora.t_offset) * K;
       for (int64_t m = 0; m < M; m++)
         t[m * rt + j] = s.lora.bf16 ? dot(static_cast<const c10::BFloat16*>(s.lora.a) + row, xf.data() + m * K, K)
