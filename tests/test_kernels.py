@@ -148,6 +148,31 @@ def test_gemv_adds_each_sites_lora(layout, dtype, rows, lora_dtype):
     with pytest.raises(RuntimeError, match="site 0's LoRA .* both float32 or both bfloat16"):
         gemv(x, *args, [a[0].half(), *a[1:]], [b[0].half(), *b[1:]], scaling)
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+def test_gemv_reads_lora_from_a_pool_as_from_tensors(layout, lora_dtype):
+    """`gemv_pooled` (qpass.pool: every A and B in one flat tensor, the scalings in another, offsets per site)
+    does the same arithmetic as the tensor-list form: equal bit for bit; an offset past the pool is refused."""
+    layers = [_gemv_layer(layout, 256, n, 64, seed=n) for n in (128, 64, 224)]
+    ranks = (4, 16, 21)
+    torch.manual_seed(7)
+    a = [torch.randn(r, 256).to(lora_dtype) for r in ranks]
+    b = [torch.randn(q.scales.shape[1], r).to(lora_dtype) for q, r in zip(layers, ranks)]
+    scaling = [torch.tensor(v) for v in (0.5, 2.0, 0.125)]
+    pieces, ints, at = [], [], 5  # A and B at odd offsets, the scalings out of order
+    for i, (ai, bi) in enumerate(zip(a, b)):
+        pieces += [torch.zeros(5 if i == 0 else 0, dtype=lora_dtype), ai.reshape(-1), bi.reshape(-1)]
+        ints += [at, at + ai.numel(), ai.shape[0], 2 - i]
+        at += ai.numel() + bi.numel()
+    data, scalings = torch.cat(pieces), torch.stack(scaling[::-1])
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    args = _gemv_args(layers, 64)
+    assert torch.equal(kernels.gemv_pooled(layout == "awq", x, *args, data, scalings, ints),
+                       GEMV[layout](x, *args, a, b, scaling))
+    with pytest.raises(RuntimeError, match="site 2's LoRA lies outside the adapter pool"):
+        kernels.gemv_pooled(layout == "awq", x, *args, data[:-1], scalings, ints)
+
+
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -99,6 +99,26 @@ for _op in ("gptq4_gemv", "awq4_gemv"):
             (x.shape[0], sum(s.shape[1] for s in scales))), lib=_LIB)
 
 
+for _op in ("gptq4_gemv_pooled", "awq4_gemv_pooled"):
+    _LIB.define(f"{_op}(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor pool, "
+                "Tensor scalings, int[] lora) -> Tensor")
+    torch.library.register_fake(
+        f"qpass_kernels::{_op}",
+        lambda x, qweight, qzeros, scales, group, pool, scalings, lora: x.new_empty(
+            (x.shape[0], sum(s.shape[1] for s in scales))), lib=_LIB)
+
+
+def gemv_pooled(awq: bool, x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int,
+                pool: torch.Tensor, scalings: torch.Tensor, lora: list) -> torch.Tensor:
+    """`gptq4_gemv` (`awq4_gemv` with `awq`) with each site's LoRA read from an adapter pool (`qpass.pool`): one
+    flat float32 or bfloat16 tensor holding every A and B, and one float32 tensor of scalings. `lora` holds
+    four ints per site: A's offset and B's offset in `pool` (elements), the rank r, the scaling's index."""
+    if x.dtype != torch.bfloat16:
+        x = x.float()
+    op = torch.ops.qpass_kernels.awq4_gemv_pooled if awq else torch.ops.qpass_kernels.gptq4_gemv_pooled
+    return op(x.contiguous(), qweight, qzeros, scales, group, pool, scalings, list(lora))
+
+
 def gptq4_gemv(x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int, lora_a=(), lora_b=(),
                scaling=()) -> torch.Tensor:
     """(M, sum N_i) = x (M, K) @ [W_1 | W_2 | ...], W_i the 4-bit GPTQ weights of site i, accumulated in

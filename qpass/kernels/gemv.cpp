@@ -717,21 +717,62 @@ void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part
     }
 }
 
-// gptq4_gemv (AWQ = false) and awq4_gemv (AWQ = true).
-template <bool AWQ>
-at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
-                     int64_t group, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling) {
-  const char* op = AWQ ? "awq4_gemv" : "gptq4_gemv";
-  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu() &&
-                  (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
-              "qpass ", op, ": x must be a 2-D float32 or bfloat16 CPU tensor");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  const std::vector<int64_t> ns = qpass_kernels::check_packed(op, AWQ, K, qweight, qzeros, scales, group);
-  TORCH_CHECK(group % 8 == 0, "qpass ", op, ": group ", group, " must be a multiple of 8");
-  const bool lora = !lora_a.empty();
-  TORCH_CHECK(!lora || (lora_a.size() == ns.size() && lora_b.size() == ns.size() && scaling.size() == ns.size()),
+// The LoRA of each site, from tensors: A (r, K) and B (N, r) contiguous, both float32 or both bfloat16, and a
+// one-element float32 scaling (empty lists: no LoRA).
+std::vector<Lora> lora_from_tensors(const char* op, int64_t K, const std::vector<int64_t>& ns, at::TensorList lora_a,
+                                    at::TensorList lora_b, at::TensorList scaling) {
+  std::vector<Lora> loras;
+  if (lora_a.empty()) return loras;
+  TORCH_CHECK(lora_a.size() == ns.size() && lora_b.size() == ns.size() && scaling.size() == ns.size(),
               "qpass ", op, ": one lora_a, lora_b and scaling per site, or none");
+  for (size_t i = 0; i < ns.size(); i++) {
+    const auto &a = lora_a[i], &b = lora_b[i], &s = scaling[i];
+    const int64_t r = a.dim() == 2 ? a.size(0) : -1;
+    const bool half = a.scalar_type() == at::kBFloat16;
+    TORCH_CHECK((a.scalar_type() == at::kFloat || half) && b.scalar_type() == a.scalar_type() &&
+                    s.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() &&
+                    b.device().is_cpu() && s.device().is_cpu() && r > 0 && a.size(1) == K && b.dim() == 2 &&
+                    b.size(0) == ns[i] && b.size(1) == r && s.numel() == 1,
+                "qpass ", op, ": site ", i, "'s LoRA must be contiguous CPU tensors A (r, ", K, "), B (", ns[i],
+                ", r), both float32 or both bfloat16, and a one-element float32 scaling");
+    loras.push_back(Lora{a.data_ptr(), b.data_ptr(), half, s.data_ptr<float>()[0], r, 0});
+  }
+  return loras;
+}
+
+// The LoRA of each site, from one adapter pool (qpass.pool: every LoRA tensor of a model in one flat float32 or
+// bfloat16 tensor) and the float32 pool of scalings: `lora` holds, per site, A's and B's offsets in `pool`
+// (elements), the rank r and the scaling's index in `scalings`.
+std::vector<Lora> lora_from_pool(const char* op, int64_t K, const std::vector<int64_t>& ns, const at::Tensor& pool,
+                                 const at::Tensor& scalings, at::IntArrayRef lora) {
+  TORCH_CHECK(static_cast<int64_t>(lora.size()) == 4 * static_cast<int64_t>(ns.size()),
+              "qpass ", op, ": lora must hold (A offset, B offset, r, scaling index) per site");
+  const bool half = pool.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((pool.scalar_type() == at::kFloat || half) && pool.dim() == 1 && pool.is_contiguous() &&
+                  pool.device().is_cpu() && scalings.scalar_type() == at::kFloat && scalings.dim() == 1 &&
+                  scalings.is_contiguous() && scalings.device().is_cpu(),
+              "qpass ", op, ": the adapter pool must be a contiguous 1-D float32 or bfloat16 CPU tensor and the "
+              "scalings a contiguous 1-D float32 CPU tensor");
+  const int64_t es = half ? 2 : 4;
+  const char* base = static_cast<const char*>(pool.data_ptr());
+  std::vector<Lora> loras;
+  for (size_t i = 0; i < ns.size(); i++) {
+    const int64_t a = lora[4 * i], b = lora[4 * i + 1], r = lora[4 * i + 2], si = lora[4 * i + 3];
+    TORCH_CHECK(r > 0 && a >= 0 && b >= 0 && a + r * K <= pool.numel() && b + ns[i] * r <= pool.numel() &&
+                    si >= 0 && si < scalings.numel(),
+                "qpass ", op, ": site ", i, "'s LoRA lies outside the adapter pool (", pool.numel(), " elements)");
+    loras.push_back(Lora{base + a * es, base + b * es, half, scalings.data_ptr<float>()[si], r, 0});
+  }
+  return loras;
+}
+
+// gptq4_gemv (AWQ = false) and awq4_gemv (AWQ = true); `loras`: one per site, or none.
+template <bool AWQ>
+at::Tensor gemv(const char* op, const at::Tensor& x, const std::vector<int64_t>& ns, at::TensorList qweight,
+                at::TensorList qzeros, at::TensorList scales, int64_t group, std::vector<Lora> loras) {
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group % 8 == 0, "qpass ", op, ": group ", group, " must be a multiple of 8");
+  const bool lora = !loras.empty();
   std::vector<Site> sites;
   int64_t total = 0, rt = 0, widest = 0;
   for (size_t i = 0; i < ns.size(); i++) {
@@ -741,17 +782,9 @@ at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorL
     Site site{qweight[i].data_ptr<int32_t>(), qzeros[i].data_ptr<int32_t>(), sc.data_ptr(), sc.scalar_type(), ns[i],
               total, Lora{}, AWQ};
     if (lora) {
-      const auto &a = lora_a[i], &b = lora_b[i], &s = scaling[i];
-      const int64_t r = a.dim() == 2 ? a.size(0) : -1;
-      const bool half = a.scalar_type() == at::kBFloat16;
-      TORCH_CHECK((a.scalar_type() == at::kFloat || half) && b.scalar_type() == a.scalar_type() &&
-                      s.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() && a.device().is_cpu() &&
-                      b.device().is_cpu() && s.device().is_cpu() && r > 0 && a.size(1) == K && b.dim() == 2 &&
-                      b.size(0) == ns[i] && b.size(1) == r && s.numel() == 1,
-                  "qpass ", op, ": site ", i, "'s LoRA must be contiguous CPU tensors A (r, ", K, "), B (", ns[i],
-                  ", r), both float32 or both bfloat16, and a one-element float32 scaling");
-      site.lora = Lora{a.data_ptr(), b.data_ptr(), half, s.data_ptr<float>()[0], r, rt};
-      rt += r;
+      site.lora = loras[i];
+      site.lora.t_offset = rt;
+      rt += site.lora.r;
     }
     sites.push_back(site);
     total += ns[i];
@@ -891,6 +924,31 @@ at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorL
   return y;
 }
 
+at::Tensor check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "qpass ", op, ": x must be a 2-D float32 or bfloat16 CPU tensor");
+  return x.contiguous();
+}
+
+template <bool AWQ>
+at::Tensor int4_gemv(const at::Tensor& x_in, at::TensorList qweight, at::TensorList qzeros, at::TensorList scales,
+                     int64_t group, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling) {
+  const char* op = AWQ ? "awq4_gemv" : "gptq4_gemv";
+  const at::Tensor x = check_x(op, x_in);
+  const std::vector<int64_t> ns = qpass_kernels::check_packed(op, AWQ, x.size(1), qweight, qzeros, scales, group);
+  return gemv<AWQ>(op, x, ns, qweight, qzeros, scales, group, lora_from_tensors(op, x.size(1), ns, lora_a, lora_b, scaling));
+}
+
+template <bool AWQ>
+at::Tensor int4_gemv_pooled(const at::Tensor& x_in, at::TensorList qweight, at::TensorList qzeros,
+                            at::TensorList scales, int64_t group, const at::Tensor& pool, const at::Tensor& scalings,
+                            at::IntArrayRef lora) {
+  const char* op = AWQ ? "awq4_gemv_pooled" : "gptq4_gemv_pooled";
+  const at::Tensor x = check_x(op, x_in);
+  const std::vector<int64_t> ns = qpass_kernels::check_packed(op, AWQ, x.size(1), qweight, qzeros, scales, group);
+  return gemv<AWQ>(op, x, ns, qweight, qzeros, scales, group, lora_from_pool(op, x.size(1), ns, pool, scalings, lora));
+}
+
 // Whether this build has the bfloat16 loop (the compiler targeted a CPU with AVX512-BF16); x picks the device.
 bool gemv_bf16_loop(const at::Tensor&) { return kBf16Loop; }
 
@@ -900,5 +958,7 @@ bool gemv_bf16_loop(const at::Tensor&) { return kBf16Loop; }
 TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
   m.impl("gptq4_gemv", TORCH_FN(int4_gemv<false>));
   m.impl("awq4_gemv", TORCH_FN(int4_gemv<true>));
+  m.impl("gptq4_gemv_pooled", TORCH_FN(int4_gemv_pooled<false>));
+  m.impl("awq4_gemv_pooled", TORCH_FN(int4_gemv_pooled<true>));
   m.impl("gemv_bf16_loop", TORCH_FN(gemv_bf16_loop));
 }
