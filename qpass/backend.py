@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import resident
+from . import pool, resident
 from .rewrite import rewrite
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -32,6 +32,25 @@ def _inner_compiler(inner):
     raise ValueError(f"qpass.backend: inner must be one of {INNER} or a backend callable; got {inner!r}")
 
 
+class _EnsurePools:
+    """The compiled graph, which on its first call first `pool.ensure`s its models' adapter pools: a pool turned
+    off since the last compile (`model.to(...)`) is made again from the slots' values (the sites' trace keys
+    change, so the next call retraces onto it); tensors put in place of its views (`p.data = t`) are copied
+    into it. Not in the backend itself: dynamo builds the graph's guards after the backend returns, from the
+    values then, and they must be the values the graph was traced with."""
+
+    def __init__(self, compiled, states):
+        self.compiled, self.states = compiled, states
+        self._boxed_call = getattr(compiled, "_boxed_call", False)  # called as the graph would be (one list)
+
+    def __call__(self, *args):
+        if self.states:
+            states, self.states = self.states, None
+            for state in states:
+                pool.ensure(state)
+        return self.compiled(*args)
+
+
 class QpassBackend:
     """Callable torch.compile backend. `state` (set by `qpass.compile`) attributes every graph to one model;
     otherwise graphs are attributed to the models whose sites they contain."""
@@ -48,15 +67,20 @@ class QpassBackend:
         needs_grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs)
         sites = rewrite(gm, lowering=self.lowering, needs_grad=needs_grad, fuse_siblings=self.fuse_siblings)
         compiled = self.inner(gm, example_inputs)
+        states = self._states(sites)
         self._record(sites, time.perf_counter() - start)
-        return compiled
+        return _EnsurePools(compiled, list(states.values())) if states else compiled
 
-    def _record(self, sites, elapsed: float) -> None:
+    def _states(self, sites) -> dict:
         states = {id(self.state): self.state} if self.state is not None else {}
         for site in sites:
             state = site.owner() if site.owner is not None else None
             if state is not None:
                 states[id(state)] = state
+        return states
+
+    def _record(self, sites, elapsed: float) -> None:
+        states = self._states(sites)
         compile_id = torch._guards.CompileContext.current_compile_id()
         recompile = compile_id is not None and (compile_id.frame_compile_id or 0) > 0
         reasons = torch._dynamo.utils.graph_break_reasons

@@ -391,17 +391,19 @@ def label(lowering: str) -> str:
 # ---- lowered functions ---------------------------------------------------------------------------------
 
 
-def _cpp(sites, x, bases, lowering, extras=None) -> list:
+def _cpp(sites, x, bases, lowering, extras=None, pool=None) -> list:
     """The base outputs of `sites` (siblings reading `x`) from qpass's C++ kernel `lowering` (gemv-cpu or
     dequant-cpu) on their own buffers: one call for siblings with the same group size (their output columns
     concatenated), else one call per site (also for act-order sites in the int4pack layout: each has its own
     input permutation). `extras`, per site: (e, w), e (..., r) and w (r, N) in x's dtype, whose product
     dequant-cpu adds inside the base GEMM; or (A, B, scaling) of a float32 or bfloat16 LoRA, whose
-    scaling * (x A^T) B^T the kernel adds (gemv-cpu: GEMV_LORA; dequant-cpu: the `_mm_lora` ops, FOLD_UP)."""
+    scaling * (x A^T) B^T the kernel adds (gemv-cpu: GEMV_LORA; dequant-cpu: the `_mm_lora` ops, FOLD_UP). `pool`
+    (gemv-cpu): (data, scalings, entries), the same LoRA read from the model's adapter pool (qpass.pool)."""
     named = [dict(zip(s.info.buffers, b)) for s, b in zip(sites, bases)]
     groups = {s.info.group for s in sites}
     if len(sites) > 1 and (len(groups) > 1 or any("ret_idx" in n for n in named)):
-        return [_cpp([s], x, [b], lowering, None if extras is None else [extras[i]])[0]
+        return [_cpp([s], x, [b], lowering, None if extras is None else [extras[i]],
+                     None if pool is None else (pool[0], pool[1], [pool[2][i]]))[0]
                 for i, (s, b) in enumerate(zip(sites, bases))]
     h = x.reshape(-1, sites[0].info.in_features)
     more, lora = (), extras is not None and len(extras[0]) == 3  # (A, B, scaling) per site: LoRA in the call
@@ -411,7 +413,12 @@ def _cpp(sites, x, bases, lowering, extras=None) -> list:
         else:
             more = ([e.reshape(h.shape[0], -1) for e, _ in extras], [w for _, w in extras])
     awq = sites[0].info.matcher is layouts.awq
-    if lowering == "gemv-cpu":
+    if lowering == "gemv-cpu" and pool is not None:
+        data, scalings, entries = pool
+        y = kernels.gemv_pooled(awq, h, [n["qweight"] for n in named], [n["qzeros"] for n in named],
+                                [n["scales"] for n in named], groups.pop(), data, scalings,
+                                [i for e in entries for i in e.ints()])
+    elif lowering == "gemv-cpu":
         op = kernels.awq4_gemv if awq else kernels.gptq4_gemv
         y = op(h, [n["qweight"] for n in named], [n["qzeros"] for n in named], [n["scales"] for n in named],
                groups.pop(), *more)
@@ -538,11 +545,18 @@ def _downs(xa, ps, ranks, reduce):
     return adapter_linear(xa, torch.cat([p["lora_A.weight"] for p in ps], 0)).split(ranks, -1)
 
 
-def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = False):
+def pool_lowering(lowering: str, needs_grad: bool) -> bool:
+    """Whether a sibling group on `lowering` reads its LoRA from the model's adapter pool as it is (the gemv
+    kernel takes offsets into it); other lowerings take views of it (`rewrite`)."""
+    return GEMV_LORA and lowering == "gemv-cpu" and not needs_grad
+
+
+def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = False, pooled: bool = False):
     """Sibling sites with the same input: one down-projection matmul x @ [A_1; A_2; ...]^T for all of them,
     and (int4 lowerings) one base kernel call on their weights concatenated along N. Returns a function
     `(x, xa, bases, adapters) -> tuple of outputs`, xa the shared adapter input. A group of one site is
-    the same math for a single LoRA site (so every LoRA site gets the decode-step form of `adapter_linear`)."""
+    the same math for a single LoRA site (so every LoRA site gets the decode-step form of `adapter_linear`).
+    `pooled` (only where `pool_lowering`): each site's adapters are the model's adapter pool [data, scalings]."""
     slots = [s.slots[names[0]] for s in sites]
     ranks = [slot.get("lora_A.weight").shape[0] for slot in slots]
     pols = [s.policy(slot) for s, slot in zip(sites, slots)]
@@ -567,7 +581,14 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     gemv_lora = GEMV_LORA and lowering == "gemv-cpu" and not needs_grad and not any(
         "lora_B.bias" in slot.tensor_names for slot in slots)
 
+    if pooled and not pool_lowering(lowering, needs_grad):
+        raise ValueError(f"qpass: a pooled sibling group cannot take the {lowering} lowering")
+    entries = [slot.pool_entry for slot in slots] if pooled else None
+
     def fn(x, xa, bases, adapters, kernel=()):
+        if pooled:  # the gemv kernel reads A, B and scaling at their offsets in the pool
+            data, scalings = adapters[0]
+            return tuple(_cpp(sites, x, bases, lowering, pool=(data, scalings, entries)))
         kernel = list(kernel)
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
         if gemv_lora and all(p["lora_A.weight"].dtype == p["lora_B.weight"].dtype in GEMV_LORA_DTYPES for p in ps):

@@ -59,7 +59,7 @@ def effective_weight(site, names: tuple) -> tuple:
     adapter = [t for n in names for t in site.slots[n].tensors()]
 
     def run(x):
-        xa = site.adapter_inputs(x, names, training=False)
+        xa = site.adapter_inputs(x, names, False, None)
         return site.run(x, xa, base, adapter, names, site.torch_base).float()
 
     b = run(zero)[0]

@@ -18,13 +18,34 @@ from . import site as _site
 OP_NAME = "qpass::site"
 
 
+# First of `names` when the op's adapter tensors are the model's adapter pool ([data, scalings], qpass.pool)
+# rather than the active slots' own tensors. Only traces without gradients are pooled: the op's backward never
+# sees a pooled call (dynamo guards grad mode).
+POOL_MARK = "@pool"
+POOLED = POOL_MARK + ","
+
+
 def join_names(names) -> str:
     """Active adapter names travel as one comma-joined string (they are identifiers)."""
     return ",".join(names)
 
 
 def split_names(names: str) -> tuple:
-    return tuple(n for n in names.split(",") if n)
+    """The active adapter names (without the pool marker: see `pooled_names`)."""
+    return tuple(n for n in names.split(",") if n and n != POOL_MARK)
+
+
+def pooled_names(names: str) -> bool:
+    return names.startswith(POOLED)
+
+
+def adapter_tensors(site, adapter: list, names: str) -> list:
+    """The active slots' tensors, in order: the op's own list, or views of the pool it was given."""
+    if not pooled_names(names):
+        return list(adapter)
+    from . import pool
+
+    return pool.expand([site.slots[n] for n in split_names(names)], list(adapter))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -37,7 +58,7 @@ def site_op(
     names: str,
 ) -> torch.Tensor:
     site = _site.get(site_key)
-    return site.run(x, xa, base, adapter, split_names(names), site.torch_base)
+    return site.run(x, xa, base, adapter_tensors(site, adapter, names), split_names(names), site.torch_base)
 
 
 @site_op.register_fake

@@ -22,10 +22,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import adapter_io, resident
+from . import adapter_io, pool, resident
 from .config import AdapterConfig, to_config
 from .errors import AdapterLoadError, QpassError
-from .ops import join_names
+from .ops import POOLED, join_names
 from .quant import QuantInfo, Unsupported, normal_storage
 from .report import Report, Row
 from .site import Site
@@ -46,6 +46,9 @@ class QpassState:
     graph_break_mark: int = 0
     max_rank: Optional[int] = None
     adapter_dtype: torch.dtype = torch.float32
+    pool: Optional[str] = None  # the key of the adapter pool (qpass.pool) while the slots' tensors are its views
+    pool_stale: bool = False  # the pool was turned off (a slot's tensors left it); the backend rebuilds it
+    pool_retired: Optional[str] = None  # the pool before the last rebuild, readable until the next one
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -77,12 +80,17 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
         # the guards on every field of the site and its adapters).
         if not site.trace_key or not all(slots[n].trace_key for n in names):
             raise QpassError(f"{site.path}: qpass state without a trace key")
-        xa = site.adapter_inputs(x, names, self.training)
+        found = pool.pooled(site, names)  # no-grad steps read the model's adapter pool: 2 graph inputs, not 3 per site
+        if found is not None:
+            xa = site.adapter_inputs(x, names, self.training, found.data.dtype)
+            return torch.ops.qpass.site(x, xa, site.base_tensors(), [found.data, found.scalings], site.key,
+                                        POOLED + join_names(names))
+        xa = site.adapter_inputs(x, names, self.training, None)
         adapter = [t for n in names for t in slots[n].tensors()]
         return torch.ops.qpass.site(x, xa, site.base_tensors(), adapter, site.key, join_names(names))
     if not names:
         return site.eager_base(x)
-    xa = site.adapter_inputs(x, names, self.training)
+    xa = site.adapter_inputs(x, names, self.training, None)
     adapter = [t for n in names for t in slots[n].tensors()]
     return site.run(x, xa, site.base_tensors(), adapter, names, site.eager_base_fn)
 
@@ -307,6 +315,7 @@ def _install(state: QpassState, model: nn.Module, cfg, slots: dict, adapter_name
         slot = slots.get(row.module)
         if slot is not None:
             row.add_adapter(adapter_name, slot)
+    pool.build(state)  # every LoRA tensor of the model, the new ones too, as views of one pool
     if activate:
         adapter_params = {id(p) for site in state.sites.values() for p in site.slots.parameters()}
         for p in model.parameters():  # PEFT's semantics: the base is frozen
@@ -330,6 +339,7 @@ def unprepare(model: nn.Module) -> nn.Module:
     """Remove qpass from a prepared model: original forwards back, adapters dropped, requires_grad restored."""
     model = unwrap(model)
     state = state_of(model)
+    pool.drop(state)
     for site in state.sites.values():
         resident.restore(site)  # base_layout="int4pack": the library's layout again, bit-exact
         module = site.module

@@ -18,8 +18,9 @@ import operator
 
 import torch
 
+from . import pool
 from . import site as _site
-from .ops import is_site_node, split_names
+from .ops import is_site_node, join_names, pooled_names, split_names
 
 
 def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: bool = False, fuse_siblings: bool = True) -> list:
@@ -36,6 +37,13 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
         site = _site.get(node.args[4])
         x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
         chosen[node] = _lowering.choose(site, x, needs_grad, lowering)
+    for node in nodes:  # adapters read from the model's pool: only the gemv kernel takes the pool as it is
+        x, xa, base, adapter, site_id, names = node.args
+        if pooled_names(names):
+            site = _site.get(site_id)
+            split = split_names(names)
+            if not (fuse_siblings and _lowering.pool_lowering(chosen[node], needs_grad) and _lowering.fusable(site, split)):
+                _unpool(gm, node, site, split)
     groups = _sibling_groups(gm, nodes, chosen) if fuse_siblings else []
     grouped = {n for g in groups for n in g}
     rewritten = []
@@ -43,7 +51,8 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
         sites = [_site.get(n.args[4]) for n in group]
         names = split_names(group[0].args[5])
         if names:
-            fn, fused_base = _lowering.lowered_group(sites, names, chosen[group[0]], needs_grad)
+            fn, fused_base = _lowering.lowered_group(sites, names, chosen[group[0]], needs_grad,
+                                                     pooled=pooled_names(group[0].args[5]))
         else:  # no active adapter on any of them (disabled): one kernel call for their bases
             fn, fused_base = _lowering.lowered_bases(sites, chosen[group[0]]), True
         bases = [list(n.args[2]) for n in group]
@@ -79,6 +88,18 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
         gm.graph.lint()
         gm.recompile()
     return rewritten
+
+
+def _unpool(gm, node, site, names: tuple) -> None:
+    """Give a node whose adapters are the model's pool (qpass.pool) the active slots' own tensors instead, as
+    views of the pool made at the top of the graph (so that sibling grouping sees them before every site)."""
+    x, xa, base, adapter, site_id, _ = node.args
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    entries = [site.slots[n].pool_entry for n in names]
+    with gm.graph.inserting_before(first):
+        out = gm.graph.call_function(pool.entry_views, (list(adapter), pool.flat(entries)))
+        views = [gm.graph.call_function(operator.getitem, (out, i)) for i in range(3 * len(entries))]
+    node.args = (x, xa, base, views, site_id, join_names(names))
 
 
 def _reason(site, node, needs_grad, chosen) -> str:

@@ -45,10 +45,11 @@ class Site:
     active: tuple = ("default",)
     disabled: bool = False
     owner: Optional[Callable] = None  # weakref to the model's QpassState
+    pool: Optional[str] = None  # the key of the model's adapter pool, while the trace may read it (qpass.pool)
 
     # The fields the traced forward reads; assigning any of them refreshes `trace_key` (see qpass.guards).
     # `slots` is a ModuleDict: code that adds or removes an adapter calls `refresh_trace_key()`.
-    trace_fields = ("id", "info", "slots", "active", "disabled")
+    trace_fields = ("id", "info", "slots", "active", "disabled", "pool")
 
     def __post_init__(self):
         _SITES[self.id] = self
@@ -63,7 +64,7 @@ class Site:
         """One string for everything of this site the trace reads: the compiled model guards it (and, with
         `qpass.guard_filter`, not the fields one by one)."""
         active = "disabled" if self.disabled else ",".join(self.active)
-        key = f"{self.id}|{active}|{','.join(self.slots)}|{self.info!r}"
+        key = f"{self.id}|{active}|{','.join(self.slots)}|{self.info!r}|{self.pool}"
         object.__setattr__(self, "trace_key", key)
 
     @property
@@ -95,9 +96,11 @@ class Site:
 
     # ---- the math -------------------------------------------------------------------------------
 
-    def adapter_inputs(self, x: torch.Tensor, names: tuple, training: bool) -> list:
+    def adapter_inputs(self, x: torch.Tensor, names: tuple, training: bool, dtype: Optional[torch.dtype]) -> list:
         """Per output-attached adapter: x cast by its policy, then dropout (PEFT's order). Done outside the
-        op so that the op itself is deterministic and its backward can recompute it."""
+        op so that the op itself is deterministic and its backward can recompute it. `dtype`: the adapters'
+        dtype if the caller knows it (pooled slots: the pool's; reading a slot's tensor to learn it would
+        make dynamo guard that tensor), else None. No default: dynamo would guard the function's defaults."""
         out = []
         for name in names:
             slot = self.slots[name]
@@ -105,7 +108,7 @@ class Site:
                 slot.spec.before_forward(slot, training)
             if slot.spec.attach != "output":
                 continue
-            xa = policy.cast_input(self.policy(slot), x, slot.dtype)
+            xa = policy.cast_input(self.policy(slot), x, slot.dtype if dtype is None else dtype)
             if training and slot.dropout_p > 0:  # in eval dropout_p is never read, so changing it never recompiles
                 xa = torch.nn.functional.dropout(xa, slot.dropout_p, True)
             out.append(xa)

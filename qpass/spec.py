@@ -7,12 +7,14 @@ quantized site, whatever library quantized it. Adding an adapter kind = adding o
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Optional
 
 import torch
 from torch import nn
 
+from . import pool
 from .errors import QpassError
 from .policy import POLICIES
 
@@ -132,6 +134,29 @@ def _load_builtin_patterns() -> None:
         import qpass.patterns  # noqa: F401  (each spec file registers itself on import)
 
 
+class _Holder(nn.Module):
+    """A module under a slot holding some of its parameters (PEFT's dotted names: `lora_A.weight`). A
+    parameter registered on it anew (`holder.weight = nn.Parameter(...)`, `load_state_dict(assign=True)`) is
+    not a view of the adapter pool: the pool is turned off for the model (qpass.pool)."""
+
+    def __init__(self, slot):
+        super().__init__()
+        object.__setattr__(self, "_qpass_slot", weakref.ref(slot))
+
+    def register_parameter(self, name, param) -> None:
+        slot = self.__dict__["_qpass_slot"]()
+        if slot is not None:
+            pool.invalidate_slot(slot)
+        super().register_parameter(name, param)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        slot = self.__dict__["_qpass_slot"]()
+        if slot is not None and slot.pool_entry is not None and not pool.aliased(slot):
+            pool.invalidate_slot(slot)
+        return out
+
+
 class AdapterSlot(nn.Module):
     """One adapter on one site: its parameters under PEFT's dotted names, and its constants as buffers."""
 
@@ -164,19 +189,33 @@ class AdapterSlot(nn.Module):
             self.constant_names.append(name)
         self.tensor_names = self.param_names + self.constant_names
         self.dropout_p = float(spec.dropout(cfg))
+        self.pool_entry = None  # where this slot's tensors sit in the model's adapter pool (qpass.pool), if they do
         self.refresh_trace_key()
 
     # The attributes the traced forward reads; assigning any of them refreshes `trace_key` (see qpass.guards).
-    trace_fields = ("spec", "cfg", "dropout_p", "tensor_names", "param_names", "constant_names")
+    trace_fields = ("spec", "cfg", "dropout_p", "tensor_names", "param_names", "constant_names", "pool_entry")
 
     def __setattr__(self, name, value):
+        if name in getattr(self, "constant_names", ()) and isinstance(value, torch.Tensor):
+            pool.invalidate_slot(self)  # a constant replaced: it no longer aliases the pool
         super().__setattr__(name, value)
         if name in self.trace_fields and "trace_key" in self.__dict__:
             self.refresh_trace_key()
 
+    def register_parameter(self, name, param) -> None:
+        pool.invalidate_slot(self)
+        super().register_parameter(name, param)
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(...)` and kin: if this slot's tensors were moved or converted, they left the pool."""
+        out = super()._apply(fn, recurse)
+        if self.pool_entry is not None and not pool.aliased(self):
+            pool.invalidate_slot(self)
+        return out
+
     def refresh_trace_key(self) -> None:
         traced = {f: getattr(self.cfg, f, None) for f in self.spec.traced_config}
-        key = f"{self.spec.name}|{traced!r}|{self.dropout_p!r}|{','.join(self.tensor_names)}"
+        key = f"{self.spec.name}|{traced!r}|{self.dropout_p!r}|{','.join(self.tensor_names)}|{self.pool_entry!r}"
         object.__setattr__(self, "trace_key", key)
 
     def _set(self, dotted: str, value) -> None:
@@ -184,7 +223,7 @@ class AdapterSlot(nn.Module):
         *parents, leaf = dotted.split(".")
         for part in parents:
             if part not in owner._modules:
-                owner.add_module(part, nn.Module())
+                owner.add_module(part, _Holder(self))
             owner = owner._modules[part]
         owner.register_parameter(leaf, value)
 

@@ -70,7 +70,7 @@ def _compare(out, ref, dtype, what):
 def _op_output(holder, x):
     site = holder.proj._qpass_site
     names = site.active_names()
-    xa = site.adapter_inputs(x, names, training=False)
+    xa = site.adapter_inputs(x, names, False, None)
     adapter = [t for n in names for t in holder.proj.qpass_adapters[n].tensors()]
     return torch.ops.qpass.site(x, xa, site.base_tensors(), adapter, site.key, join_names(names))
 

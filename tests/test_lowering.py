@@ -153,6 +153,9 @@ def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(gemv_lo
     monkeypatch.setattr(lowering, "GEMV_LORA", gemv_lora)
     model = qpass.prepare(make_model(), qpass.LoraConfig(**CFG))
     randomize_adapters(model)
+    # the GEMMs counted are the separate form's on the slots' own tensors: on views of the adapter pool
+    # (qpass.pool) inductor runs some of these tiny GEMMs as its own loops (12 instead of 22 at 3 tokens)
+    qpass.pool.drop(model._qpass)
     ids = input_ids(batch=1, seq=seq)
     counts = []
     with torch.no_grad():

@@ -27,7 +27,7 @@ def test_opcheck(dtype, lora_bias):
     site = layer._qpass_site
     names = ("default",)
     x = torch.randn(2, 3, 64, dtype=dtype, requires_grad=True)
-    xa = site.adapter_inputs(x, names, training=False)
+    xa = site.adapter_inputs(x, names, False, None)
     adapter = [t for t in layer.qpass_adapters["default"].tensors()]
     args = (x, xa, site.base_tensors(), adapter, site.key, join_names(names))
     torch.library.opcheck(torch.ops.qpass.site.default, args)
