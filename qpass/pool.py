@@ -209,6 +209,12 @@ def invalidate_slot(slot) -> None:
         invalidate(state)
 
 
+def check_slot(slot) -> None:
+    """After `_apply` (`model.to(...)` and kin): a slot whose tensors were moved or converted left the pool."""
+    if slot.pool_entry is not None and not aliased(slot):
+        invalidate_slot(slot)
+
+
 def aliased(slot) -> bool:
     """Whether the slot's tensors are still the views of its pool entry."""
     ref = slot.__dict__.get("_qpass_pool_state")

@@ -152,8 +152,8 @@ class _Holder(nn.Module):
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         slot = self.__dict__["_qpass_slot"]()
-        if slot is not None and slot.pool_entry is not None and not pool.aliased(slot):
-            pool.invalidate_slot(slot)
+        if slot is not None:
+            pool.check_slot(slot)
         return out
 
 
@@ -209,8 +209,7 @@ class AdapterSlot(nn.Module):
     def _apply(self, fn, recurse=True):
         """`model.to(...)` and kin: if this slot's tensors were moved or converted, they left the pool."""
         out = super()._apply(fn, recurse)
-        if self.pool_entry is not None and not pool.aliased(self):
-            pool.invalidate_slot(self)
+        pool.check_slot(self)
         return out
 
     def refresh_trace_key(self) -> None:
