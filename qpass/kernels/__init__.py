@@ -90,22 +90,19 @@ def unavailable_reason() -> Optional[str]:
 
 
 _LIB = torch.library.Library("qpass_kernels", "DEF")
-for _op in ("gptq4_gemv", "awq4_gemv"):
-    _LIB.define(f"{_op}(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor[] lora_a, "
-                "Tensor[] lora_b, Tensor[] scaling) -> Tensor")
-    torch.library.register_fake(
-        f"qpass_kernels::{_op}",
-        lambda x, qweight, qzeros, scales, group, lora_a, lora_b, scaling: x.new_empty(
-            (x.shape[0], sum(s.shape[1] for s in scales))), lib=_LIB)
 
 
-for _op in ("gptq4_gemv_pooled", "awq4_gemv_pooled"):
-    _LIB.define(f"{_op}(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, Tensor pool, "
-                "Tensor scalings, int[] lora) -> Tensor")
-    torch.library.register_fake(
-        f"qpass_kernels::{_op}",
-        lambda x, qweight, qzeros, scales, group, pool, scalings, lora: x.new_empty(
-            (x.shape[0], sum(s.shape[1] for s in scales))), lib=_LIB)
+def _gemv_fake(x, qweight, qzeros, scales, group, *lora):
+    return x.new_empty((x.shape[0], sum(s.shape[1] for s in scales)))
+
+
+# each site's LoRA as tensors, or (_pooled) at offsets into the model's adapter pool (qpass.pool)
+_GEMV_LORA = {"": "Tensor[] lora_a, Tensor[] lora_b, Tensor[] scaling", "_pooled": "Tensor pool, Tensor scalings, int[] lora"}
+for _layout in ("gptq4", "awq4"):
+    for _suffix, _lora in _GEMV_LORA.items():
+        _LIB.define(f"{_layout}_gemv{_suffix}(Tensor x, Tensor[] qweight, Tensor[] qzeros, Tensor[] scales, int group, "
+                    f"{_lora}) -> Tensor")
+        torch.library.register_fake(f"qpass_kernels::{_layout}_gemv{_suffix}", _gemv_fake, lib=_LIB)
 
 
 def gemv_pooled(awq: bool, x: torch.Tensor, qweight: list, qzeros: list, scales: list, group: int,
