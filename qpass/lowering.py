@@ -578,8 +578,7 @@ def lowered_group(sites: list, names: tuple, lowering: str, needs_grad: bool = F
     # ... with the down-projection in the same kernel call too (not for act-order weights in the int4pack layout,
     # whose kernel reads x permuted into the codes' row order while A reads it in the model's)
     fold_lora = fold and not any("ret_idx" in s.info.buffers for s in sites)
-    gemv_lora = GEMV_LORA and lowering == "gemv-cpu" and not needs_grad and not any(
-        "lora_B.bias" in slot.tensor_names for slot in slots)
+    gemv_lora = pool_lowering(lowering, needs_grad) and not any("lora_B.bias" in slot.tensor_names for slot in slots)
 
     if pooled and not pool_lowering(lowering, needs_grad):
         raise ValueError(f"qpass: a pooled sibling group cannot take the {lowering} lowering")
