@@ -52,7 +52,9 @@ def test_inspect_with_adapter_dir_prints_every_site(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [l for l in proc.stdout.splitlines() if "_proj" in l]
     assert len(rows) == 14, proc.stdout  # every quantized layer, adapted or not
-    assert all("gptqmodel /" in l and "torch dequant (eager)" in l for l in rows), proc.stdout
+    assert all("gptqmodel /" in l and "torch (eager)" in l for l in rows), proc.stdout  # short label, legend below
+    assert "torch dequant (eager): not compiled yet" in proc.stdout  # the legend
+    assert "torch.compile compiles on the model's first call" in proc.stdout
     adapted = [l for l in rows if "lora:default" in l]
     assert len(adapted) == 2 and all("o_proj" in l and " prepared " in f" {l} " for l in adapted)
     assert "sites:" in proc.stdout and "trainable parameters" in proc.stdout
