@@ -296,7 +296,7 @@ def dynamo_counts():
     """(graphs compiled, graph breaks) so far. Breaks wholly inside a quantization library are left out:
     gptqmodel compiles its own dequantize and breaks there whenever its layers run eagerly (e.g. while filling
     a KV cache eagerly), which belongs to no configuration's compiled graph (qpass's report does the same)."""
-    from qpass.backend import _library_internal
+    from qpass.compile_hook import _library_internal
 
     c = torch._dynamo.utils.counters
     breaks = [r for r in torch._dynamo.utils.graph_break_reasons if not _library_internal(r)]

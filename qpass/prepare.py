@@ -44,6 +44,7 @@ class QpassState:
     report: Report
     requires_grad_before: dict = field(default_factory=dict)
     graph_break_mark: int = 0
+    graph_keys: set = field(default_factory=set)  # (compile id, sites) of each graph counted in the report
     max_rank: Optional[int] = None
     adapter_dtype: torch.dtype = torch.float32
     pool: Optional[str] = None  # the key of the adapter pool (qpass.pool) while the slots' tensors are its views
@@ -59,6 +60,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 def state_of(model: nn.Module) -> QpassState:
     state = getattr(unwrap(model), "_qpass", None)
     if state is None:
+        from .peft_interop import peft_layers
+
+        found = peft_layers(unwrap(model))
+        if found is not None:
+            raise QpassError(f"{found}, not a model prepared by qpass; call qpass.from_peft(peft_model) to take "
+                             "PEFT's adapters over (it returns the prepared base model)")
         raise QpassError(f"{type(unwrap(model)).__name__} is not prepared by qpass; call qpass.prepare(model, config) first")
     return state
 
@@ -99,7 +106,10 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve(adapter):
-    """(config, weights or None, source) from a config object, a peft config, or an adapter directory."""
+    """(config, weights or None, source) from a config object, a peft config, an adapter directory, or an
+    adapter already in memory (`adapter_io.InMemoryAdapter`)."""
+    if isinstance(adapter, adapter_io.InMemoryAdapter):
+        return to_config(adapter.config), adapter.weights, adapter.source
     if adapter_io.is_adapter_path(adapter):
         return adapter_io.read_config(adapter), adapter_io.read_weights(adapter), str(adapter)
     return to_config(adapter), None, "config"
@@ -199,6 +209,9 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
     `base_layout="int4pack"` holds eligible 4-bit layers' weights once, in the CPU int4 kernel's layout,
     instead of the library's layout plus a repacked copy for decode (`qpass.resident`); "library" (default)
     leaves the library's buffers as they are.
+
+    A `peft.PeftModel` (or a model holding PEFT's adapter layers) is refused: qpass would attach its adapter
+    under PEFT's, and the two would run stacked. `qpass.from_peft(peft_model)` takes PEFT's adapters over.
     """
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise QpassError(
@@ -207,12 +220,10 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
         )
     if not isinstance(model, nn.Module):
         raise QpassError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    _refuse_peft(model)
     if getattr(model, "_qpass", None) is not None:
         raise QpassError("this model is already prepared by qpass; use qpass.load_adapter(model, path, name) to add an adapter")
-    _check_name(adapter_name)
-    resident.check_layout(base_layout)
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
-        raise QpassError(f"max_rank must be a positive integer or None; got {max_rank!r}")
+    check_options(adapter_name, max_rank, base_layout)
     cfg, spec, candidates, slots = plan_adapter(model, adapter, adapter_dtype, max_rank)
 
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -263,11 +274,32 @@ def _convert_layouts(sites: dict, base_layout: str, undo: "_Undo") -> dict:
     return notes
 
 
-def plan_adapter(model: nn.Module, adapter, adapter_dtype, max_rank):
-    """Everything that can fail, before the model is touched: config, spec, targets, slots, weights."""
+def check_options(adapter_name, max_rank, base_layout) -> None:
+    """`prepare`'s own arguments (the adapter aside)."""
+    _check_name(adapter_name)
+    resident.check_layout(base_layout)
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
+        raise QpassError(f"max_rank must be a positive integer or None; got {max_rank!r}")
+
+
+def _refuse_peft(model: nn.Module) -> None:
+    from .peft_interop import peft_layers
+
+    found = peft_layers(model)
+    if found is not None:
+        raise QpassError(
+            f"{found}; qpass would attach its adapter under PEFT's and run both. Call qpass.from_peft(peft_model) "
+            "to take PEFT's adapters over (it returns the base model prepared by qpass), or pass the base model "
+            "without PEFT's layers"
+        )
+
+
+def plan_adapter(model: nn.Module, adapter, adapter_dtype, max_rank, *, modules=None):
+    """Everything that can fail, before the model is touched: config, spec, targets, slots, weights.
+    `modules`: see `sites.discover`."""
     cfg, weights, source = _resolve(adapter)
     spec = spec_for(cfg)
-    candidates = discover(model, cfg)
+    candidates = discover(model, cfg, modules=modules)
     targeted = [c for c in candidates if c.targeted and isinstance(c.info, QuantInfo)]
     if not targeted:
         raise _no_target_error(cfg, candidates)

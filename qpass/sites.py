@@ -63,11 +63,13 @@ def resolve_targets(model: nn.Module, cfg: AdapterConfig):
     return targets
 
 
-def discover(model: nn.Module, cfg: AdapterConfig) -> list:
-    """Every quantized-linear module of the model, plus plain nn.Linear modules the config names."""
+def discover(model: nn.Module, cfg: AdapterConfig, *, modules=None) -> list:
+    """Every quantized-linear module of the model, plus plain nn.Linear modules the config names.
+    `modules`: (path, module) pairs to look at instead of `model.named_modules()` (qpass.from_peft passes
+    a PEFT model's modules with each adapter layer replaced by its base layer)."""
     targets = resolve_targets(model, cfg)
     out = []
-    for path, module in model.named_modules():
+    for path, module in model.named_modules() if modules is None else modules:
         if not path:
             continue
         info = quant.match(module)
