@@ -71,13 +71,17 @@ def _unload(model: nn.Module, tuners: dict) -> None:
     replaced by its base layer, and the model's `peft_config` attribute goes. PEFT's own `unload()` cannot be
     used for every kind: OFT's (BaseTuner._replace_module) assigns `weight` to the base layer, a read-only
     property of gptqmodel's layers, and raises half-way, with some layers already unloaded."""
-    for path, layer in tuners.items():
-        if _under(path, tuners):
-            continue
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, layer.get_base_layer())
+    _put(model, tuners, lambda layer: layer.get_base_layer())
     if "peft_config" in model.__dict__:
         del model.peft_config
+
+
+def _put(model: nn.Module, tuners: dict, module_for) -> None:
+    """Set `module_for(layer)` in place of each outermost PEFT adapter layer (`tuners`: path -> layer)."""
+    for path, layer in tuners.items():
+        if not _under(path, tuners):
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, module_for(layer))
 
 
 def _owned(param_name: str, name: str) -> bool:
@@ -115,7 +119,8 @@ def from_peft(peft_model, **prepare_kwargs) -> nn.Module:
     if merged:
         raise QpassError(f"{merged[0]}: PEFT has merged adapter(s) into this layer's weights; call "
                          "peft_model.unmerge_adapter() before qpass.from_peft")
-    adapters = {name: _read_adapter(peft_model, name, tuners, prepare_kwargs) for name in names}
+    view = _base_view(model, tuners)
+    adapters = {name: _read_adapter(peft_model, name, tuners, view, prepare_kwargs) for name in names}
     trainable = {name: any(p.requires_grad for pn, p in model.named_parameters() if _owned(pn, name)) for name in names}
 
     # ---- the takeover --------------------------------------------------------------------------------
@@ -159,9 +164,9 @@ def _check_call(peft_model, prepare_kwargs: dict) -> None:
         check_options(name, prepare_kwargs.get("max_rank"), prepare_kwargs.get("base_layout", "library"))
 
 
-def _read_adapter(peft_model, name: str, tuners: dict, prepare_kwargs: dict) -> adapter_io.InMemoryAdapter:
+def _read_adapter(peft_model, name: str, tuners: dict, view: list, prepare_kwargs: dict) -> adapter_io.InMemoryAdapter:
     """PEFT adapter `name` as qpass will load it (config and weights), checked against the model as it will
-    be without PEFT's layers: raises naming what qpass cannot serve."""
+    be without PEFT's layers (`view`, from `_base_view`): raises naming what qpass cannot serve."""
     from peft import get_peft_model_state_dict
 
     from .prepare import plan_adapter
@@ -169,7 +174,6 @@ def _read_adapter(peft_model, name: str, tuners: dict, prepare_kwargs: dict) -> 
     from .sites import discover
 
     model = peft_model.base_model.model
-    view = _base_view(model, tuners)
     source = f"PEFT adapter {name!r}"
     # the state dict first: for AdaLoRA it also drops the adapter name from the config's rank_pattern keys,
     # as PEFT's save_pretrained does
@@ -225,9 +229,6 @@ def _attach(base, names, active, adapters, trainable, prepare_kwargs) -> None:
 
 def _reload(model: nn.Module, tuners: dict, config) -> None:
     """Undo `_unload`: PEFT's adapter layers back where they were."""
-    for path, layer in tuners.items():
-        if not _under(path, tuners):
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), child, layer)
+    _put(model, tuners, lambda layer: layer)
     if config is not None:
         model.peft_config = config

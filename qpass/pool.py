@@ -17,7 +17,7 @@ What could break the aliasing, and what happens then:
 - `model.to(...)`, `.half()`, `.cuda()` (`nn.Module._apply`) give the slots new tensors: `_apply` of a slot or
   of its holder modules notices and calls `invalidate`, which turns the pool off for the model (the sites'
   trace keys change, so a compiled model retraces with the slots' own tensors); before the new graph's first
-  call the backend `ensure`s a fresh pool, and the next call retraces onto it.
+  call qpass.compile_hook `ensure`s a fresh pool, and the next call retraces onto it.
 - A Parameter registered anew on a slot (`module.weight = nn.Parameter(...)`, `load_state_dict(assign=True)`):
   the holder modules call `invalidate` the same way.
 - Every trace checks, as it runs, that the slots it would read through the pool are still its views
@@ -194,7 +194,7 @@ def _off(state) -> None:
 
 def invalidate(state) -> None:
     """Stop reading the pool (a slot's tensors no longer alias it): compiled models retrace onto the slots'
-    own tensors; the qpass backend rebuilds the pool at its next compile (`ensure`)."""
+    own tensors; the pool is rebuilt at the end of the next compile (`ensure`, from qpass.compile_hook)."""
     if state.pool is None:
         return
     state.pool_stale = True

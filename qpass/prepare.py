@@ -48,7 +48,8 @@ class QpassState:
     max_rank: Optional[int] = None
     adapter_dtype: torch.dtype = torch.float32
     pool: Optional[str] = None  # the key of the adapter pool (qpass.pool) while the slots' tensors are its views
-    pool_stale: bool = False  # the pool was turned off (a slot's tensors left it); the backend rebuilds it
+    # the pool was turned off (a slot's tensors left it); rebuilt at the end of the next compile (qpass.compile_hook)
+    pool_stale: bool = False
     pool_retired: Optional[str] = None  # the pool before the last rebuild, readable until the next one
 
 

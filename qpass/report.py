@@ -1,6 +1,6 @@
 """The rewrite report: one row per candidate site (rewritten, or skipped and why) and a summary.
 
-Rows are created at prepare time and updated by the backend each time a graph is compiled, so the
+Rows are created at prepare time and updated by qpass.compile_hook each time a graph is compiled, so the
 report is right even when inductor's caches skip its own passes.
 """
 
@@ -178,9 +178,9 @@ class Report:
 
 # ---- the printed form -------------------------------------------------------------------------------------
 # Row.base and Row.status keep their full text (to_dict); the table shows short labels and the legend under it
-# says, once per label, what each stands for. Row.base is written by qpass.prepare (eager forms, below) and by
-# the backend on each compile: "[int4pack layout (resident): ]<lowering>[; <lowering>...] (<backend>)", each
-# lowering being qpass.lowering.label(name) followed by ", fused a+b+c" (siblings in one call) or by
+# says, once per label, what each stands for. Row.base is written by qpass.prepare (eager forms, below) and
+# by qpass.compile_hook on each compile: "[int4pack layout (resident): ]<lowering>[; <lowering>...]
+# (<compiler>)", each lowering being qpass.lowering.label(name) followed by ", fused a+b+c" (siblings in one call) or by
 # " (<why it fell back>)". Text of any other form is kept when short, else cut with its full text in the legend.
 
 _RESIDENT = "int4pack layout (resident)"
