@@ -12,21 +12,28 @@ own rule (`peft_selects`) would pick exactly those sites from the model's module
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import AdapterConfig, from_dict
-from .errors import AdapterLoadError, QpassError
+from .errors import AdapterLoadError, QpassError, QpassWarning
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)  # an adapter folder's own files
+TEMP_MARK = ".qpass-tmp-"  # in the names of the folders `replacing_dir` writes into ...
+OLD_MARK = ".qpass-old-"  # ... and moves the replaced folder to, both beside the target
 
 
 def is_adapter_path(adapter) -> bool:
@@ -80,7 +87,27 @@ def read_weights(path) -> dict:
             raise AdapterLoadError(f"{bin_file} cannot be read ({exc}); re-save the adapter as safetensors") from exc
     else:
         raise AdapterLoadError(f"{str(directory)!r} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
-    return strip_prefix(raw)
+    weights = strip_prefix(raw)
+    check_finite(weights, str(directory))
+    return weights
+
+
+def check_finite(weights: dict, source: str) -> list:
+    """The names of `weights`' floating-point tensors that hold NaN or inf, in order; if there are any, a
+    `QpassWarning` names the first three and the count (the adapter's outputs would be NaN/inf: it diverged in
+    training or the file is damaged). Every adapter read from a folder passes here (`read_weights`: prepare,
+    load_adapter, hotswap_adapter), and those handed over in memory (`InMemoryAdapter`: from_peft)."""
+    bad = [k for k, v in weights.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.is_meta and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        warnings.warn(
+            f"{source}: {len(bad)} adapter tensor(s) hold NaN or inf values: {bad[:3]}{more}; every layer they adapt "
+            "will output NaN/inf. The adapter diverged in training or the file is damaged: re-train or re-save it "
+            "(qpass.report(model) lists them while they are loaded)",
+            QpassWarning, stacklevel=2,
+        )
+    return bad
 
 
 def strip_prefix(raw: dict) -> dict:
@@ -165,16 +192,129 @@ def write(path, cfg: AdapterConfig, tensors: dict, *, base_model_name_or_path=No
           module_names=None, targeted=None) -> None:
     """Write an adapter directory. With `module_names` (all of the base model's) and `targeted` (the modules
     that carry the adapter), `target_modules` is written so that PEFT adapts exactly those (`peft_targets`);
-    `cfg` itself is not changed."""
+    `cfg` itself is not changed.
+
+    All or nothing (`replacing_dir`): if writing fails (a full disk, Ctrl-C), an adapter already at `path` is
+    left exactly as it was and nothing else is left behind. Files of an existing folder other than an
+    adapter's own (adapter_config.json, adapter_model.safetensors, adapter_model.bin) — a README, a tokenizer —
+    are kept."""
     from safetensors.torch import save_file
 
-    directory = Path(path)
     data = cfg.to_peft_dict()
     if module_names is not None and targeted is not None:
         data.update(peft_targets(cfg, module_names, targeted))
-    directory.mkdir(parents=True, exist_ok=True)
     data["base_model_name_or_path"] = base_model_name_or_path or data.get("base_model_name_or_path")
     data["task_type"] = task_type or data.get("task_type")
     data["inference_mode"] = True
-    (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    save_file({PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME))
+    tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with replacing_dir(path, what="adapter", files=f"{CONFIG_NAME} and {WEIGHTS_NAME}",
+                       replaced=lambda name: name in ADAPTER_FILES) as directory:
+        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(directory / WEIGHTS_NAME))
+
+
+# ---- all-or-nothing folders ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replacing_dir(path, *, what: str, files: str, replaced=lambda name: False):
+    """`with replacing_dir(path, ...) as tmp:` write the folder's files into `tmp`; when the block ends without
+    an exception, `tmp` becomes `path` (the same parent folder, so each step is one rename); when it raises
+    (an OSError, a KeyboardInterrupt, ...), `tmp` is removed and `path` is as it was.
+
+    `path` new: `tmp` is renamed to it (parent folders are created). `path` an existing folder: it is renamed
+    aside, `tmp` renamed in, and the old folder removed; if the second rename fails the old folder goes back.
+    The old folder's entries that the block did not write and that `replaced(name)` does not claim (the files
+    of the kind being written, from an earlier save) are carried over into the new folder first, as hard links
+    where the file system allows (else copies), so a folder holding other files keeps them.
+    A symlink to a folder is followed: the folder it points to is replaced.
+
+    Refused with a QpassError naming `path`, before anything is written: `path` (or a folder above it) an
+    existing file; `path` the working directory or a folder holding it (renaming it would strand the
+    process); no temporary folder can be made beside it. `what` and `files` word those messages."""
+    given = os.fspath(path)
+    target = Path(os.path.realpath(given))
+    for p in (target, *target.parents):
+        if p.exists() and not p.is_dir():
+            where = "is" if p == target else f"is under {str(p)!r}, which is"
+            raise QpassError(
+                f"cannot save the {what} to {given!r}: it {where} an existing file, not a folder; qpass writes a "
+                f"folder ({files}) there. Pass the path of a new or existing folder, or move the file away"
+            )
+    cwd = os.path.realpath(os.getcwd())
+    if target.parent == target or cwd == str(target) or cwd.startswith(str(target) + os.sep):
+        raise QpassError(
+            f"cannot save the {what} to {given!r}: it is the working directory or holds it, and qpass replaces the "
+            f"folder as a whole (written beside it, then renamed into place). Save to a subfolder, e.g. "
+            f"{os.path.join(given, what)!r}, or change the working directory first"
+        )
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_dir(parent, f".{target.name}{TEMP_MARK}")
+    except OSError as exc:
+        raise QpassError(
+            f"cannot save the {what} to {given!r}: no temporary folder can be made in {str(parent)!r} ({exc}); qpass "
+            f"writes the {what} there first and renames it into place, so that a failed save leaves {given!r} as it "
+            f"was. Make {str(parent)!r} writable, or save elsewhere"
+        ) from exc
+    try:
+        yield tmp
+        if target.is_dir():
+            shutil.copymode(target, tmp)
+            _carry_over(target, tmp, replaced)
+            _swap(target, tmp)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder `parent/<prefix><random>` (made with the usual permissions, unlike mkdtemp's 0o700)."""
+    while True:
+        candidate = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path, replaced) -> None:
+    """The entries of `old` that `new` lacks and `replaced` does not claim, into `new` (`old` unchanged)."""
+    for entry in os.scandir(old):
+        dst = new / entry.name
+        if os.path.lexists(dst) or replaced(entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, dst)
+
+
+def _swap(target: Path, tmp: Path) -> None:
+    """`tmp` in place of the folder `target`: `target` renamed aside, `tmp` renamed in, the old one removed; if
+    anything (a KeyboardInterrupt too) stops it between the renames, the old folder is put back."""
+    old = target.parent / f".{target.name}{OLD_MARK}{secrets.token_hex(4)}"
+    try:
+        os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException:
+        if old.exists():
+            if tmp.exists():  # the new folder did not move in: the old one goes back
+                os.rename(old, target)
+            else:  # it did: the swap is complete
+                shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -7,3 +7,7 @@ class QpassError(ValueError):
 
 class AdapterLoadError(QpassError):
     """An adapter directory or file that cannot be loaded onto this model."""
+
+
+class QpassWarning(UserWarning):
+    """Something qpass serves as asked but the user should know: e.g. adapter weights that hold NaN or inf."""

@@ -13,6 +13,7 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 
 
@@ -99,6 +100,20 @@ class Report:
         first call, and the rows' base and status are filled in then."""
         return self.stats.graphs == 0 and any(r.status.startswith("prepared") for r in self.rows)
 
+    def nonfinite_weights(self) -> list:
+        """The model's adapter parameters (`<layer>.qpass_adapters.<adapter>.<tensor>`, as named_parameters names
+        them) that hold NaN or inf now: read so from a file (qpass.adapter_io.check_finite warned as it read
+        them) or diverged in training. Looked up each time the report is read, so it is never stale."""
+        from .prepare import SLOTS_ATTR
+
+        bad = []
+        with torch.no_grad():
+            for name, p in self._model_ref.named_parameters():
+                if SLOTS_ATTR in name.split(".") and p.is_floating_point() and not p.is_meta \
+                        and not bool(torch.isfinite(p).all()):
+                    bad.append(name)
+        return bad
+
     def summary(self) -> dict:
         rewritten = sum(r.status.startswith("rewritten") and r.adapter is not None for r in self.rows)
         prepared = sum(r.adapter is not None for r in self.rows)
@@ -120,6 +135,7 @@ class Report:
             "compile_seconds": round(self.stats.compile_seconds, 3),
             "backend": self.stats.backend,
             "pending_first_call": self.pending_first_call(),
+            "nonfinite_adapter_weights": self.nonfinite_weights(),
         }
 
     def to_dict(self) -> dict:
@@ -162,6 +178,11 @@ class Report:
             f"(traceable, no adapter), {s['sites_skipped']} skipped",
             f"trainable parameters: {s['trainable_params']:,} ({s['trainable_percent']:.3f}% of the model's weights)",
         ]
+        bad = s["nonfinite_adapter_weights"]
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            summary.append(f"non-finite adapter weights: {len(bad)} tensor(s) hold NaN or inf, the layers they adapt output "
+                           f"NaN/inf: {', '.join(bad[:5])}{more}")
         if pending:
             summary.append(f"compile: {FIRST_CALL}")
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import quant
+from .quant import QuantInfo
 from .config import DEFAULT_TARGETS, AdapterConfig
 from .errors import QpassError
 
@@ -37,17 +38,28 @@ def _matches(spec, path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in spec)
 
 
-def _layer_ok(cfg: AdapterConfig, path: str) -> bool:
-    if cfg.layers_to_transform is None:
-        return True
-    wanted = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else list(cfg.layers_to_transform)
-    patterns = cfg.layers_pattern or ["layers", "h", "blocks", "layer"]
+DEFAULT_LAYER_PATTERNS = ["layers", "h", "blocks", "layer"]
+
+
+def _layer_index(patterns, path: str):
+    """(pattern, layer index) of `path`: the number after the first of `patterns` found in it, or None."""
     patterns = [patterns] if isinstance(patterns, str) else patterns
     for pat in patterns:
         m = re.match(rf".*\.{pat}\.(\d+)\.", path)
         if m:
-            return int(m.group(1)) in wanted
-    return False
+            return pat, int(m.group(1))
+    return None
+
+
+def _wanted_layers(cfg: AdapterConfig) -> list:
+    return [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else list(cfg.layers_to_transform)
+
+
+def _layer_ok(cfg: AdapterConfig, path: str) -> bool:
+    if cfg.layers_to_transform is None:
+        return True
+    found = _layer_index(cfg.layers_pattern or DEFAULT_LAYER_PATTERNS, path)
+    return found is not None and found[1] in _wanted_layers(cfg)
 
 
 def resolve_targets(model: nn.Module, cfg: AdapterConfig):
@@ -83,3 +95,48 @@ def discover(model: nn.Module, cfg: AdapterConfig, *, modules=None) -> list:
         elif targeted and isinstance(module, nn.Linear):
             out.append(Candidate(path, module, None, True))
     return out
+
+
+def selection_error(model: nn.Module, cfg: AdapterConfig, candidates: list):
+    """Why `cfg` targets no quantized layer although `target_modules` matches some: a QpassError naming the
+    field that removed them all (`exclude_modules`, or `layers_to_transform` / `layers_pattern`, with the layer
+    indices the model has), or None when `target_modules` itself matches none (`prepare._no_target_error`)."""
+    targets = resolve_targets(model, cfg)
+    named = [c.path for c in candidates if isinstance(c.info, QuantInfo) and (targets == "all-linear" or _matches(targets, c.path))]
+    if not named:
+        return None
+    kept = [p for p in named if not _matches(cfg.exclude_modules, p)]
+    if not kept:
+        return QpassError(
+            f"exclude_modules={cfg.exclude_modules!r} excludes every quantized layer target_modules={targets!r} matches "
+            f"({len(named)}, e.g. {named[0]!r}); narrow exclude_modules or widen target_modules"
+        )
+    if cfg.layers_to_transform is None or any(_layer_ok(cfg, p) for p in kept):
+        return None
+    patterns = cfg.layers_pattern or DEFAULT_LAYER_PATTERNS
+    found = {p: _layer_index(patterns, p) for p in kept}
+    numbered = {p: f for p, f in found.items() if f is not None}
+    if not numbered:
+        default = {p: _layer_index(DEFAULT_LAYER_PATTERNS, p) for p in kept}
+        default = {p: f for p, f in default.items() if f is not None}
+        if cfg.layers_pattern and default:
+            path, (pat, _) = next(iter(default.items()))
+            indices = sorted({i for _, i in default.values()})
+            return QpassError(
+                f"layers_pattern={cfg.layers_pattern!r} is in none of the paths target_modules={targets!r} matches "
+                f"(e.g. {path!r}), so layers_to_transform={cfg.layers_to_transform!r} selects nothing; set "
+                f"layers_pattern to the name before the layer index (here {pat!r}: layers {indices}), or unset it"
+            )
+        return QpassError(
+            f"layers_to_transform={cfg.layers_to_transform!r} selects nothing: the layers target_modules={targets!r} "
+            f"matches have no layer index (a number after {patterns!r} in the path, e.g. {kept[0]!r}); unset "
+            "layers_to_transform (and layers_pattern), or name the layers in target_modules"
+        )
+    indices = sorted({i for _, i in numbered.values()})
+    path, (pat, _) = next(iter(numbered.items()))
+    via = f" with layers_pattern={cfg.layers_pattern!r}" if cfg.layers_pattern else ""
+    return QpassError(
+        f"layers_to_transform={cfg.layers_to_transform!r}{via} selects none of the {len(kept)} quantized layers "
+        f"target_modules={targets!r} matches: their layer indices (the number after {pat + '.'!r} in the path, e.g. "
+        f"{path!r}) are {indices}; set layers_to_transform to some of {indices}, or unset it"
+    )
