@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import adapter_io
+from . import adapter_io, transaction
 from .backend import QpassBackend
 from .errors import QpassError
 from .guards import guard_filter
@@ -32,6 +32,7 @@ def compile(model: nn.Module, adapter, *, adapter_name: str = "default", inner: 
     try:
         compiler = QpassBackend(inner, state=state_of(model), mode=mode, options=options or None)
         model.compile(backend=compiler, options={"guard_filter_fn": guards}, **torch_compile_kwargs)
+        transaction.install_lock(model)  # model.compile replaced the call that held the swap lock
     except BaseException:
         unprepare(model)
         raise

@@ -14,7 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
-from . import adapter_io
+from . import adapter_io, transaction
 from .errors import AdapterLoadError, QpassError
 from .prepare import _check_name, _check_weights, _install, plan_adapter, set_active, state_of, unwrap
 from .spec import spec_for
@@ -32,10 +32,11 @@ def load_adapter(model: nn.Module, adapter, adapter_name: str, *, is_trainable: 
     missing = [path for path in slots if path not in state.sites]
     if missing:
         raise QpassError(f"{missing[0]}: not a site of this prepared model")
-    _install(state, base, cfg, slots, adapter_name, activate=False)
-    if is_trainable:
-        for slot in slots.values():
-            slot.requires_grad_(True)
+    with transaction.changing(base, "load_adapter"):
+        _install(state, base, cfg, slots, adapter_name, activate=False)
+        if is_trainable:
+            for slot in slots.values():
+                slot.requires_grad_(True)
 
 
 def set_adapter(model: nn.Module, names) -> None:
@@ -47,7 +48,12 @@ def set_adapter(model: nn.Module, names) -> None:
         raise QpassError(f"no adapter named {unknown[0]!r}; loaded adapters: {sorted(state.configs)}")
     if not names:
         raise QpassError("set_adapter needs at least one adapter name; use qpass.disable_adapters(model) for none")
-    set_active(state, names)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise QpassError(f"set_adapter: {repeated[0]!r} is named more than once in {list(names)}; each adapter can be "
+                         "active once (its output would be added twice)")
+    with transaction.changing(unwrap(model), "set_adapter"):
+        set_active(state, names)
 
 
 def active_adapters(model: nn.Module) -> tuple:
@@ -65,13 +71,15 @@ def disable_adapters(model: nn.Module):
     """`with qpass.disable_adapters(model): ...` runs the quantized base alone."""
     state = state_of(model)
     before = {path: site.disabled for path, site in state.sites.items()}
-    for site in state.sites.values():
-        site.disabled = True
+    with transaction.changing(unwrap(model), "disable_adapters"):
+        for site in state.sites.values():
+            site.disabled = True
     try:
         yield model
     finally:
-        for path, site in state.sites.items():
-            site.disabled = before[path]
+        with state.lock.writing("disable_adapters"):
+            for path, site in state.sites.items():
+                site.disabled = before[path]
 
 
 def hotswap_adapter(model: nn.Module, adapter, adapter_name: str = "default") -> None:
@@ -107,14 +115,16 @@ def hotswap_adapter(model: nn.Module, adapter, adapter_name: str = "default") ->
     plan = _check_weights(slots, weights, source, skipped, ranks)
     if targets - set(slots):
         raise AdapterLoadError(f"{source}: targets {sorted(targets - set(slots))[:3]} that adapter {adapter_name!r} does not")
-    with torch.no_grad():
+    written = [t for slot in slots.values() for t in slot.tensors()]
+    # under the swap lock: a forward running in another thread sees A or B, never a mix
+    with transaction.changing(unwrap(model), "hotswap_adapter", values=written), torch.no_grad():
         for path, slot in slots.items():
             slot.cfg = cfg.for_site(path)
             slot.set_constants(slot.cfg)
             slot.dropout_p = float(spec.dropout(slot.cfg))
         for slot, name, tensor in plan:
             slot.load(name, tensor)
-    state.configs[adapter_name] = cfg
-    for row in state.report.rows:
-        if row.module in slots:
-            row.rank = spec.rank(slots[row.module].cfg)
+        state.configs[adapter_name] = cfg
+        for row in state.report.rows:
+            if row.module in slots:
+                row.rank = spec.rank(slots[row.module].cfg)

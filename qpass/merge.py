@@ -15,13 +15,15 @@ Repacking is library-specific (`_repacker`): gptqmodel layers holding GPTQ packi
 
 from __future__ import annotations
 
+import os
+import re
 import types
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from . import resident
+from . import resident, transaction
 from .errors import QpassError
 from .prepare import state_of, unprepare, unwrap
 from .quant import normal_storage
@@ -145,15 +147,10 @@ def merge(model: nn.Module, *, max_rel_error: float = 0.05, max_adapter_loss: fl
     `max_adapter_loss` of the adapter's own change ‖W_eff − W‖ (an adapter finer than the quantization step
     would otherwise be rounded away silently)."""
     state = state_of(model)
-    converted = [site for site in state.sites.values() if resident.is_resident(site)]
-    for site in converted:  # base_layout="int4pack": merge onto the library's own layout and grid
-        resident.restore(site)
-    try:
+    with transaction.changing(unwrap(model), "merge"):  # refused or interrupted: as it was, int4pack layout included
+        for site in state.sites.values():  # base_layout="int4pack": merge onto the library's own layout and grid
+            resident.restore(site)
         return _merge(model, state, max_rel_error, max_adapter_loss)
-    except BaseException:
-        for site in converted:  # refused: as it was, int4pack layout included
-            resident.convert(site, types.SimpleNamespace(resident=[]))
-        raise
 
 
 def _merge(model, state, max_rel_error: float, max_adapter_loss: float) -> nn.Module:
@@ -208,9 +205,16 @@ def save_quantized(model: nn.Module, path, **save_pretrained_kwargs) -> None:
     transformers 5.23 + gptqmodel 7.7 save the in-memory "v2" zero points as they are, so a plain
     save_pretrained → from_pretrained round trip of a GPTQ checkpoint shifts every zero point by one (measured:
     max |Δlogit| 1.02 on the tiny test checkpoint, with no qpass involved). This converts, saves, and restores.
+
+    All or nothing (`adapter_io.replacing_dir`): the checkpoint is written into a temporary folder beside
+    `path` and renamed into place, so if saving fails (a full disk, Ctrl-C) a checkpoint already at `path` is
+    left exactly as it was. Files of an existing folder that this save does not write are kept (a tokenizer, a
+    README), except weight files of an earlier save (`model*.safetensors`, `pytorch_model*.bin`, their
+    `.index.json`), which would otherwise mix with the new weights.
     """
     from gptqmodel.utils.model import convert_gptq_v2_to_v1_format_module
 
+    from .adapter_io import replacing_dir
     from .quant import QuantInfo, match
     from .quant import gptqmodel as gptq_matcher
 
@@ -221,16 +225,28 @@ def save_quantized(model: nn.Module, path, **save_pretrained_kwargs) -> None:
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})
     on_disk_v1 = str(qc.get("checkpoint_format", qc.get("format", ""))).lower() == "gptq" and qc.get("quant_method") == "gptq"
-    saved = []
-    try:
-        if on_disk_v1:
-            for _, module in model.named_modules():
-                info = match(module)
-                if isinstance(info, QuantInfo) and info.matcher is gptq_matcher and "qzeros" in info.buffers:
-                    saved.append((module, module.qzeros.detach().clone()))
-                    grid = types.SimpleNamespace(bits=info.bits, pack_dtype=torch.int32)
-                    convert_gptq_v2_to_v1_format_module(module, grid)
-        model.save_pretrained(str(path), **save_pretrained_kwargs)
-    finally:
-        for module, qzeros in saved:
-            module.qzeros.data.copy_(qzeros)
+    if save_pretrained_kwargs.get("push_to_hub"):  # transformers names the repo after the folder: not the temporary one
+        save_pretrained_kwargs.setdefault("repo_id", os.path.basename(os.path.realpath(os.fspath(path))))
+    with replacing_dir(path, what="checkpoint", files="config.json and the model's weights",
+                       replaced=_is_weights_file) as directory:
+        saved = []
+        try:
+            if on_disk_v1:
+                for _, module in model.named_modules():
+                    info = match(module)
+                    if isinstance(info, QuantInfo) and info.matcher is gptq_matcher and "qzeros" in info.buffers:
+                        saved.append((module, module.qzeros.detach().clone()))
+                        grid = types.SimpleNamespace(bits=info.bits, pack_dtype=torch.int32)
+                        convert_gptq_v2_to_v1_format_module(module, grid)
+            model.save_pretrained(str(directory), **save_pretrained_kwargs)
+        finally:
+            for module, qzeros in saved:
+                module.qzeros.data.copy_(qzeros)
+
+
+_WEIGHTS_FILE = re.compile(r"(model|pytorch_model|tf_model|flax_model)([-.][^/]*)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?")
+
+
+def _is_weights_file(name: str) -> bool:
+    """A transformers weights file or shard index (what an earlier save of a checkpoint wrote)."""
+    return _WEIGHTS_FILE.fullmatch(name) is not None

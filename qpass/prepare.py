@@ -14,7 +14,9 @@ attaching, every change is undone, so a failed prepare leaves the model exactly 
 
 from __future__ import annotations
 
-import types
+import dataclasses
+import functools
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import adapter_io, pool, resident
+from . import adapter_io, pool, resident, transaction
 from .config import AdapterConfig, to_config
 from .errors import AdapterLoadError, QpassError
 from .ops import POOLED, join_names
@@ -51,6 +53,43 @@ class QpassState:
     # the pool was turned off (a slot's tensors left it); rebuilt at the end of the next compile (qpass.compile_hook)
     pool_stale: bool = False
     pool_retired: Optional[str] = None  # the pool before the last rebuild, readable until the next one
+    lock: transaction.SwapLock = field(default_factory=transaction.SwapLock)  # forwards read, changes write
+
+    # Copying and pickling (copy.deepcopy, pickle, torch.save of the prepared model). A copy never shares a pool
+    # with the original (its slots' tensors are its own, qpass.spec.AdapterSlot): its pool is off and marked
+    # stale, so qpass.compile_hook builds the copy's own at its next compile (eager needs none). Locks are not
+    # copied: an attribute holding a threading primitive is dropped, and on load every field missing from the
+    # state gets its default (`_fill_defaults`: a fresh lock from the field's default_factory; also the new
+    # fields of an older pickle), so a lock must be a field with a default_factory.
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCKS)}
+        state.update(pool=None, pool_retired=None, pool_stale=self.pool is not None or self.pool_stale)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _fill_defaults(self)
+        # nn.Module's own copy drops `_compiled_call_impl`, where the swap lock's reading side sits; the model is
+        # still being restored here, and the module's __setstate__ only adds its keys, so this one stays
+        if self.report is not None:
+            transaction.install_lock(self.report._model_ref)
+
+
+_LOCKS = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Semaphore,
+          threading.Event, threading.Barrier)
+
+
+def _fill_defaults(obj) -> None:
+    """Set every dataclass field of `obj` missing from its `__dict__` to its default."""
+    for f in dataclasses.fields(obj):
+        if f.name in obj.__dict__:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            obj.__dict__[f.name] = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            obj.__dict__[f.name] = f.default
+        else:
+            raise TypeError(f"{type(obj).__name__}.{f.name}: not in the pickled state and without a default")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -160,6 +199,22 @@ def _check_weights(slots: dict, weights: dict, source: str, skipped: dict, ranks
                 f"{source}: the adapter has weights for {on_skipped[:3]}, which qpass cannot serve "
                 f"({skipped[on_skipped[0]]}); loading without them would silently change the model"
             )
+        # a targeted layer's tensor of another name: the file does not match its config, not another base model
+        on_targeted = [(k, max((p for p in slots if k.startswith(p + ".")), key=len)) for k in unknown
+                       if any(k.startswith(p + ".") for p in slots)]
+        if on_targeted:
+            key, path = on_targeted[0]
+            slot, extra = slots[path], key[len(path) + 1:]
+            if extra == "lora_B.bias" and getattr(slot.cfg, "lora_bias", None) is False:
+                why = "it was saved with lora_bias=True (a bias on lora_B) while its config says lora_bias=false"
+            else:
+                why = "it was saved with other options than its config says (e.g. lora_bias=True) or by another adapter kind"
+            raise AdapterLoadError(
+                f"{source}: layer {path} is targeted, but the tensor {extra!r} there is not one a {slot.spec.name!r} "
+                f"adapter with this config has: that layer's tensors are {slot.param_names} ({len(on_targeted)} such "
+                f"tensor(s), e.g. {[k for k, _ in on_targeted[:3]]}); {why}. Fix adapter_config.json to match how the "
+                "adapter was trained, or re-save it"
+            )
         raise AdapterLoadError(
             f"{source}: {len(unknown)} tensor(s) belong to no targeted layer of this model, e.g. {unknown[:3]}; "
             "was the adapter trained for another base model?"
@@ -225,16 +280,15 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
     if getattr(model, "_qpass", None) is not None:
         raise QpassError("this model is already prepared by qpass; use qpass.load_adapter(model, path, name) to add an adapter")
     check_options(adapter_name, max_rank, base_layout)
+    from . import compile_hook
+
+    compile_hook.install()  # idempotent: every torch.compile of a prepared model must find the pass in place
     cfg, spec, candidates, slots = plan_adapter(model, adapter, adapter_dtype, max_rank)
 
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
-    sites: dict = {}
-    undo = _Undo(model, requires_grad_before)
-    try:
-        for c in candidates:
-            if isinstance(c.info, QuantInfo):
-                sites[c.path] = _make_site(c, undo)
-        layouts = _convert_layouts(sites, base_layout, undo)
+    with transaction.changing(model, "prepare"):  # a failure at any point leaves the model as it was
+        sites = {c.path: _make_site(c) for c in candidates if isinstance(c.info, QuantInfo)}
+        layouts = _convert_layouts(sites, base_layout)
         state = QpassState(
             sites=sites, configs={}, report=Report(rows=_rows(candidates), model=model),
             requires_grad_before=requires_grad_before, graph_break_mark=len(torch._dynamo.utils.graph_break_reasons),
@@ -247,24 +301,20 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
                 row.base = layouts[row.module]
         _install(state, model, cfg, slots, adapter_name)
         model._qpass = state
-        undo.attrs.append((model, "_qpass"))
-    except BaseException:
-        undo()
-        raise
+        transaction.install_lock(model)
     return model
 
 
-def _convert_layouts(sites: dict, base_layout: str, undo: "_Undo") -> dict:
+def _convert_layouts(sites: dict, base_layout: str) -> dict:
     """base_layout="int4pack": convert every eligible site (`qpass.resident`); path -> report note."""
     if base_layout == "library":
         return {}
     notes, reasons = {}, {}
     for path, site in sites.items():
-        reason = resident.convert(site, undo)
+        reason = resident.convert(site)
         if reason is None:
             module = site.module
-            module.train = types.MethodType(nn.Module.train, module)  # the library's train()/eval() hooks repack
-            undo.attrs.append((module, "train"))
+            module.train = _bound(nn.Module.train, module)  # the library's train()/eval() hooks repack
             notes[path] = "int4pack layout (resident), torch dequant (eager)"
         else:
             reasons[path] = reason
@@ -298,12 +348,16 @@ def _refuse_peft(model: nn.Module) -> None:
 def plan_adapter(model: nn.Module, adapter, adapter_dtype, max_rank, *, modules=None):
     """Everything that can fail, before the model is touched: config, spec, targets, slots, weights.
     `modules`: see `sites.discover`."""
+    from .sites import selection_error
+
     cfg, weights, source = _resolve(adapter)
+    if isinstance(adapter, adapter_io.InMemoryAdapter):  # a folder's weights were checked as they were read
+        adapter_io.check_finite(weights, source)
     spec = spec_for(cfg)
     candidates = discover(model, cfg, modules=modules)
     targeted = [c for c in candidates if c.targeted and isinstance(c.info, QuantInfo)]
-    if not targeted:
-        raise _no_target_error(cfg, candidates)
+    if not targeted:  # the field at fault: exclude_modules / layers_to_transform, else target_modules
+        raise selection_error(model, cfg, candidates) or _no_target_error(cfg, candidates)
     slots = _build_slots(targeted, cfg, spec, adapter_dtype, max_rank)
     if weights is not None:
         skipped = {c.path: c.info.reason for c in candidates if isinstance(c.info, Unsupported)}
@@ -316,23 +370,27 @@ def _check_name(adapter_name) -> None:
         raise QpassError(f"adapter_name must be a Python identifier; got {adapter_name!r}")
 
 
-def _make_site(c, undo: "_Undo") -> Site:
+def _bound(func, module: nn.Module):
+    """`func` bound to `module`, to set on the instance (`module.forward = ...`). A partial, not a bound method:
+    a bound method pickles as `getattr(module, func.__name__)`, which on load finds the class's own method (the
+    library's forward), so a pickled or torch.save'd prepared model would silently lose its sites. A partial
+    pickles as `func` plus the module; dynamo traces it like the method (no graph break, same guards)."""
+    return functools.partial(func, module)
+
+
+def _make_site(c) -> Site:
     module = c.module
     site = Site.create(c.path, c.info, module)
-    undo.sites.append(site)
-    undo.buffers += [(module, name, buf) for name, buf in normal_storage(module, c.info.buffers)]
+    normal_storage(module, c.info.buffers)
     module.add_module(SLOTS_ATTR, nn.ModuleDict())
-    undo.modules.append((module, SLOTS_ATTR))
     site.slots = module._modules[SLOTS_ATTR]
     site.active = ()
     module._qpass_site = site
-    module.forward = types.MethodType(_site_forward, module)
-    undo.attrs += [(module, "_qpass_site"), (module, "forward")]
+    module.forward = _bound(_site_forward, module)
     if c.info.eager_base == "torch":
         # qpass computes this base itself, from the layout held now: the library's train()/eval() hooks
         # (which repack buffers, swap zero-point formats, or refuse train mode) must not change it under us.
-        module.train = types.MethodType(nn.Module.train, module)
-        undo.attrs.append((module, "train"))
+        module.train = _bound(nn.Module.train, module)
     return site
 
 
@@ -372,41 +430,20 @@ def unprepare(model: nn.Module) -> nn.Module:
     """Remove qpass from a prepared model: original forwards back, adapters dropped, requires_grad restored."""
     model = unwrap(model)
     state = state_of(model)
-    pool.drop(state)
-    for site in state.sites.values():
-        resident.restore(site)  # base_layout="int4pack": the library's layout again, bit-exact
-        module = site.module
-        module._modules.pop(SLOTS_ATTR, None)
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop("train", None)  # set for sites whose base qpass computes (eager_base == "torch")
-        module.__dict__.pop("_qpass_site", None)
+    with transaction.changing(model, "unprepare"):
+        pool.drop(state)
+        for site in state.sites.values():
+            resident.restore(site)  # base_layout="int4pack": the library's layout again, bit-exact
+            module = site.module
+            module._modules.pop(SLOTS_ATTR, None)
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("train", None)  # set for sites whose base qpass computes (eager_base == "torch")
+            module.__dict__.pop("_qpass_site", None)
+        for name, p in model.named_parameters():
+            if name in state.requires_grad_before:
+                p.requires_grad_(state.requires_grad_before[name])
+        transaction.remove_lock(model)
+        model.__dict__.pop("_qpass", None)
+    for site in state.sites.values():  # after the change: a failed unprepare keeps them registered
         site.release()
-    for name, p in model.named_parameters():
-        if name in state.requires_grad_before:
-            p.requires_grad_(state.requires_grad_before[name])
-    model.__dict__.pop("_qpass", None)
     return model
-
-
-class _Undo:
-    """Everything prepare changed, to put back on failure."""
-
-    def __init__(self, model, requires_grad_before):
-        self.model = model
-        self.requires_grad_before = requires_grad_before
-        self.sites, self.buffers, self.modules, self.attrs, self.resident = [], [], [], [], []
-
-    def __call__(self) -> None:
-        for site in reversed(self.resident):
-            resident.restore(site)
-        for module, attr in reversed(self.attrs):
-            module.__dict__.pop(attr, None)
-        for module, name in self.modules:
-            module._modules.pop(name, None)
-        for module, name, buf in self.buffers:
-            module._buffers[name] = buf
-        for site in self.sites:
-            site.release()
-        for name, p in self.model.named_parameters():
-            if name in self.requires_grad_before:
-                p.requires_grad_(self.requires_grad_before[name])

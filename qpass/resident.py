@@ -65,8 +65,9 @@ def why_not(site) -> Optional[str]:
     return None
 
 
-def convert(site, undo) -> Optional[str]:
-    """Put `site`'s module in the int4pack layout (recording the undo); returns the reason if it cannot."""
+def convert(site) -> Optional[str]:
+    """Put `site`'s module in the int4pack layout; returns the reason if it cannot. Callers run it inside
+    `qpass.transaction.changing`, which undoes it on failure."""
     from . import lowering
 
     reason = why_not(site)
@@ -97,7 +98,6 @@ def convert(site, undo) -> Optional[str]:
     site.info = dataclasses.replace(info, buffers=("qweight", "scales", "qpass_zero_codes", "scales_and_zeros") + extra + bias,
                                     matcher=layouts.int4pack_resident, eager_base="torch")
     site.state_dict_hook = module._register_state_dict_hook(_library_state_dict)
-    undo.resident.append(site)
     return None
 
 

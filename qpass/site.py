@@ -34,6 +34,11 @@ def get(key: str) -> "Site":
         raise RuntimeError(f"qpass site {key!r} no longer exists (its model was unprepared or freed)") from None
 
 
+def _freed():
+    """A `module_ref` whose module is gone (a site pickled after its module was freed)."""
+    return None
+
+
 @dataclass(eq=False)
 class Site:
     path: str
@@ -73,10 +78,43 @@ class Site:
 
     @classmethod
     def create(cls, path: str, info: QuantInfo, module: nn.Module) -> "Site":
-        return cls(path=path, info=info, module_ref=weakref.ref(module))
+        site = cls(path=path, info=info, module_ref=weakref.ref(module))
+        site._forget_with(module)
+        return site
+
+    def _forget_with(self, module: nn.Module) -> None:
+        """Leave `_SITES` when the module is freed (a model dropped without unprepare, a discarded copy): the
+        registry must not keep a freed model's sites, and with them its adapters, alive."""
+        weakref.finalize(module, _SITES.pop, self.id, None)
 
     def release(self) -> None:
         _SITES.pop(self.id, None)
+
+    # ---- copying and pickling (copy.deepcopy, pickle, torch.save of the prepared model) ------------------
+    # Invariants of a restored site: it has a NEW id, registered in `_SITES` (two live copies never share an
+    # id: graphs name their site by it); `module_ref` and `owner` are weak again, to the copied module and
+    # QpassState (in the state they travel as strong references, so the copy brings them along); `pool` is
+    # None (the copy's slots are not views of the original's pool: its QpassState rebuilds one, qpass.pool).
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["module_ref"] = self.module_ref()
+        state["owner"] = self.owner() if self.owner is not None else None
+        state["pool"] = None
+        state.pop("trace_key", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        module, owner = state.pop("module_ref"), state.pop("owner")
+        self.__dict__.update(state)
+        object.__setattr__(self, "module_ref", weakref.ref(module) if module is not None else _freed)
+        object.__setattr__(self, "owner", weakref.ref(owner) if owner is not None else None)
+        object.__setattr__(self, "id", next(_ids))
+        _SITES[self.id] = self
+        if module is not None:
+            self._forget_with(module)
+        self.refresh_trace_key()
 
     @property
     def module(self) -> nn.Module:

@@ -79,6 +79,13 @@ class AdapterSpec:
         if self.attach not in ("output", "input"):
             raise QpassError(f"spec {self.name!r}: attach must be 'output' or 'input'; got {self.attach!r}")
 
+    def __reduce_ex__(self, protocol):
+        """A registered spec pickles (and deep-copies) as its name: its functions are often lambdas, and code
+        compares specs by identity (hot-swap: `spec is old_spec`). Loading needs it registered again."""
+        if _REGISTRY.get(self.name) is self:
+            return (_registered_spec, (self.name,))
+        return super().__reduce_ex__(protocol)
+
     def apply(self, x: torch.Tensor, p: Mapping[str, torch.Tensor], cfg) -> torch.Tensor:
         """Run `compute`. It may take the site's config as a third argument, for static options that pick
         the math (e.g. OFT's Cayley vs Cayley–Neumann); tensors that change in training belong in `p`."""
@@ -124,6 +131,14 @@ def spec_for(cfg) -> AdapterSpec:
     return found[0]
 
 
+def _registered_spec(name: str) -> AdapterSpec:
+    spec = registered().get(name)
+    if spec is None:
+        raise QpassError(f"adapter spec {name!r} is not registered in this process; import the module that "
+                         "registers it (qpass.register) before loading a model prepared with it")
+    return spec
+
+
 _loaded = False
 
 
@@ -134,6 +149,11 @@ def _load_builtin_patterns() -> None:
         import qpass.patterns  # noqa: F401  (each spec file registers itself on import)
 
 
+def _no_slot():
+    """A holder's `_qpass_slot` when its slot was gone at pickling time."""
+    return None
+
+
 class _Holder(nn.Module):
     """A module under a slot holding some of its parameters (PEFT's dotted names: `lora_A.weight`). A
     parameter registered on it anew (`holder.weight = nn.Parameter(...)`, `load_state_dict(assign=True)`) is
@@ -142,6 +162,16 @@ class _Holder(nn.Module):
     def __init__(self, slot):
         super().__init__()
         object.__setattr__(self, "_qpass_slot", weakref.ref(slot))
+
+    # Copying/pickling: the weak reference to the slot travels as a strong one and is weak again on load.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_qpass_slot"] = state["_qpass_slot"]()
+        return state
+
+    def __setstate__(self, state):
+        slot = state["_qpass_slot"]
+        super().__setstate__({**state, "_qpass_slot": weakref.ref(slot) if slot is not None else _no_slot})
 
     def register_parameter(self, name, param) -> None:
         slot = self.__dict__["_qpass_slot"]()
@@ -211,6 +241,25 @@ class AdapterSlot(nn.Module):
         out = super()._apply(fn, recurse)
         pool.check_slot(self)
         return out
+
+    # Copying/pickling (with the model): a copy is never in a pool. `_qpass_pool_state` (a weak reference to the
+    # original's QpassState) is dropped; a slot that was pooled gets `pool_entry=None` and tensors of its own
+    # storage (pickle keeps them views of the copied pool tensor, which is no pool: `pool.build` would not
+    # take them), so the copy's QpassState can build its own pool (qpass.pool) and nothing aliases the original's.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_qpass_pool_state", None)
+        state.pop("trace_key", None)
+        return state
+
+    def __setstate__(self, state):
+        pooled = state.get("pool_entry") is not None
+        super().__setstate__({**state, "pool_entry": None})
+        if pooled:
+            for t in self.tensors():
+                if not pool._own(t, ()):
+                    t.data = t.data.clone()
+        self.refresh_trace_key()
 
     def refresh_trace_key(self) -> None:
         traced = {f: getattr(self.cfg, f, None) for f in self.spec.traced_config}

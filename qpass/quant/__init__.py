@@ -8,6 +8,8 @@ Adding a library = adding one matcher file and listing it in `MATCHERS`.
 
 from __future__ import annotations
 
+import importlib
+import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +40,45 @@ class QuantInfo:
     def group(self) -> int:
         """Input rows per quantization group (group_size -1/0 means one group over all of them)."""
         return self.in_features if self.group_size in (-1, 0) else self.group_size
+
+    # Copying and pickling (a prepared model must survive copy.deepcopy, pickle and torch.save). The info is
+    # immutable, so a deep copy is the info itself. The matcher is a module (qpass.quant.gptqmodel) or a
+    # namespace in one (qpass.quant.layouts.awq): code compares it by identity (`info.matcher is layouts.awq`),
+    # and neither pickles by value, so it travels as its import path and is imported again on load.
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        return {**self.__dict__, "matcher": _matcher_path(self.matcher)}
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state["matcher"] = _import_matcher(state["matcher"])
+        for name, value in state.items():
+            object.__setattr__(self, name, value)  # frozen
+
+
+def _matcher_path(matcher):
+    """(module name, attribute or None) naming `matcher`, or the matcher itself if it is neither a module nor
+    a namespace of the quant modules (pickled by value then, if it can be)."""
+    if matcher is None:
+        return None
+    if isinstance(matcher, types.ModuleType):
+        return (matcher.__name__, None)
+    from . import layouts
+
+    for module in (layouts, *_matchers()):
+        for name, value in vars(module).items():
+            if value is matcher:
+                return (module.__name__, name)
+    return matcher
+
+
+def _import_matcher(path):
+    if not isinstance(path, tuple):
+        return path
+    module = importlib.import_module(path[0])
+    return module if path[1] is None else getattr(module, path[1])
 
 
 @dataclass(frozen=True)
