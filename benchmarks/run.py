@@ -51,8 +51,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
+if __name__ == "__main__":  # run as a script: progress lines on stderr, third-party start-up noise off
+    from qpass.log import quiet_third_party, show_progress
+
+    quiet_third_party()  # before torch, transformers and gptqmodel are imported
+    show_progress()
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from qpass.log import Step  # noqa: E402
+
+PROGRESS_BAR = __name__ == "__main__"  # the timed rounds' bar (stderr); off when a test imports the harness
 
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
             num_key_value_heads=16, vocab_size=4096)
@@ -319,7 +329,8 @@ def run(args):
     t_start = time.perf_counter()
     torch.manual_seed(0)
     print(f"building {len(names)} configurations ({'quick' if args.quick else 'full'} sizes {sizes})", flush=True)
-    cfgs = make_configs(names, sizes, group, args.rank)
+    with Step(f"building {len(names)} models (quantized by gptqmodel / autoawq packers)", "built the models"):
+        cfgs = make_configs(names, sizes, group, args.rank)
     w = Workloads(sizes["vocab_size"], prompt=16 if args.quick else 128)
     sampler = RssSampler()
     results = {c.name: {"note": c.note, "group": c.group, "tensor_bytes": tensor_bytes(c.model)} for c in cfgs}
@@ -332,7 +343,8 @@ def run(args):
                 continue
             graphs0, breaks0 = dynamo_counts()
             t0 = time.perf_counter()
-            getattr(w, wl)(c)
+            with Step(f"warm-up: first {wl} call of {c.name}", f"warm-up: first {wl} call of {c.name} done"):
+                getattr(w, wl)(c)
             first = time.perf_counter() - t0
             for _ in range(args.warmup):
                 t0 = time.perf_counter()
@@ -350,11 +362,14 @@ def run(args):
     # interleaved timed rounds
     times = {(c.name, wl): [] for c in cfgs for wl in workloads if wl in c.workloads}
     rss = {c.name: 0 for c in cfgs}
+    bar = tqdm(total=repeats * len(times), desc=f"timed: {repeats} interleaved rounds", unit="sample",
+               disable=not PROGRESS_BAR)
     for r in range(repeats):
         for wl in workloads:
             for c in cfgs:
                 if wl not in c.workloads:
                     continue
+                bar.update()
                 box = {}
 
                 k = calls[(c.name, wl)]
@@ -368,6 +383,7 @@ def run(args):
                 start, peak = sampler.measure(once)
                 times[(c.name, wl)].append(box["t"] * 1e3)
                 rss[c.name] = max(rss[c.name], peak - start)
+    bar.close()
     for (name, wl), ts in times.items():
         med = statistics.median(ts)
         entry = results[name][wl]

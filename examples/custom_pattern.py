@@ -10,6 +10,12 @@ else in qpass changes.
     python examples/custom_pattern.py [--inner inductor|aot_eager|eager]
 """
 
+if __name__ == "__main__":  # run as a script: progress lines on stderr, third-party start-up noise off
+    from qpass.log import quiet_third_party, show_progress
+
+    quiet_third_party()  # before torch, transformers and gptqmodel are imported
+    show_progress()
+
 import argparse
 from dataclasses import dataclass
 

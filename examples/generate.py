@@ -12,6 +12,12 @@ No model hub; CPU is enough.
     .venv/bin/python examples/generate.py
 """
 
+if __name__ == "__main__":  # run as a script: progress lines on stderr, third-party start-up noise off
+    from qpass.log import quiet_third_party, show_progress
+
+    quiet_third_party()  # before torch, transformers and gptqmodel are imported
+    show_progress()
+
 import time
 
 import torch

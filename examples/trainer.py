@@ -8,6 +8,12 @@ defaults stay: `remove_unused_columns=True` drops the dataset's extra column, be
     .venv/bin/python examples/trainer.py
 """
 
+if __name__ == "__main__":  # run as a script: progress lines on stderr, third-party start-up noise off
+    from qpass.log import quiet_third_party, show_progress
+
+    quiet_third_party()  # before torch, transformers and gptqmodel are imported
+    show_progress()
+
 import datasets
 import torch
 import transformers

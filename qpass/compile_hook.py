@@ -27,11 +27,13 @@ import weakref
 import torch
 
 from . import pool, resident
+from .log import Step
 from .ops import is_site_node
 from .rewrite import rewrite
 
 _pending: dict = {}  # id -> weakref of each QpassState rewritten during the compile in progress
 _started: dict = {}  # compile id -> perf_counter() at its start (the compile in progress only)
+_steps: dict = {}  # compile id -> its progress line (qpass.log.Step; silent unless an entry point shows progress)
 
 
 def needs_grad(gm: torch.fx.GraphModule, example_inputs=None) -> bool:
@@ -122,9 +124,27 @@ def _on_start(args) -> None:
     _started.clear()
     _started[str(args.compile_id)] = time.perf_counter()
     _pending.clear()
+    for step in _steps.values():
+        step.cancel()
+    _steps.clear()
+    backward = getattr(args.callback_trigger, "name", "") == "LAZY_BACKWARD"
+    done = f"torch.compile: compiled {'the backward of ' if backward else ''}graph {args.compile_id}"
+    _steps[str(args.compile_id)] = Step(_compiling(args), done).start()
+
+
+def _compiling(args) -> str:
+    """The progress line of a compile (qpass.log): dynamo traces on a call the compiled code cannot serve yet."""
+    cid = str(args.compile_id)
+    if getattr(args.callback_trigger, "name", "") == "LAZY_BACKWARD":
+        return f"torch.compile: compiling the backward of graph {cid} (first backward call)"
+    why = "first call" if cid.endswith("/0") else "recompile: new input shapes or model state, e.g. train()"
+    return f"torch.compile: compiling graph {cid} ({why})"
 
 
 def _on_end(args) -> None:
+    step = _steps.pop(str(args.compile_id), None)
+    if step is not None:
+        step.end()
     start = _started.pop(str(args.compile_id), None)
     elapsed = time.perf_counter() - start if start is not None else 0.0
     _started.clear()

@@ -184,6 +184,9 @@ def awq_linear_from(linear: nn.Linear, *, bits: int = 4, group_size: int = 32, c
         if linear.bias is not None:
             cpu_linear.bias.copy_(linear.bias.float())
     if cls is None:
+        from .log import import_autoawq_quietly
+
+        import_autoawq_quietly()  # without its import-time farewell notice (see there)
         from awq.modules.linear.gemm import WQLinear_GEMM
 
         q = WQLinear_GEMM.from_linear(cpu_linear, bits, group_size, init_only=False, scales=scales, zeros=zeros)
@@ -220,3 +223,66 @@ def tiny_awq_llama(*, bits: int = 4, group_size: int = 32, seed: int = 0, cls=No
     """A tiny Llama whose 7 projections per layer are AWQ layers (AutoAWQ WQLinear_GEMM by default)."""
     model = build_llama(seed=seed, **llama)
     return quantize_awq(model, bits=bits, group_size=group_size, cls=cls)
+
+
+# ---- a real checkpoint on disk, quantized by gptqmodel itself (`python -m qpass demo-checkpoint`) ----------
+
+DEMO_SENTENCES = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7 % 13}" for i in range(48)] + [
+    "quantized models run on small machines",
+    "adapters train while the base stays frozen",
+]
+
+
+def demo_tokenizer():
+    """A WordLevel tokenizer trained on `DEMO_SENTENCES` (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(DEMO_SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def write_demo_checkpoint(out, method: str = "gptq") -> None:
+    """Quantize a tiny Llama (hidden 128, 2 layers) with gptqmodel itself into `out`: GPTQ (4-bit, group 32,
+    act-order) or AWQ (4-bit, group 32, GEMM format), calibrated on `DEMO_SENTENCES`; config.json with its
+    `quantization_config`, the weights and the tokenizer, loadable by `AutoModelForCausalLM.from_pretrained(out)`.
+    Offline; about 40 s on 2 cores.
+
+    gptqmodel's quantizer sets process-global state (thread pools, inductor options): run it in a process of
+    its own (`python -m qpass demo-checkpoint OUT_DIR`, or tests/ckpt_build.py), not inside one that trains.
+    gptqmodel 7.7 asks for 2 CPU workers, which a 2-core machine only has with GPTQMODEL_CPU_WORKERS=2 (set here
+    unless set already)."""
+    import os
+    import tempfile
+
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"unknown method {method!r}; use gptq or awq")
+    # `ValueError: Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1` otherwise
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization import FORMAT, METHOD
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = demo_tokenizer()
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    if method == "gptq":
+        qcfg = QuantizeConfig(bits=4, group_size=32, desc_act=True, sym=True, act_group_aware=False)  # desc_act's
+    else:
+        qcfg = QuantizeConfig(bits=4, group_size=32, method=METHOD.AWQ, format=FORMAT.GEMM, sym=False, desc_act=False)
+    calibration = []
+    for s in DEMO_SENTENCES[:32]:
+        ids = tokenizer(s)["input_ids"]
+        calibration.append({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
+    with tempfile.TemporaryDirectory(prefix="qpass-demo-fp-") as base:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        model = GPTQModel.load(base, qcfg, device="cpu")
+        model.quantize(calibration, batch_size=1)
+        model.save(str(out))
+    tokenizer.save_pretrained(str(out))

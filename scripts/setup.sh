@@ -19,10 +19,15 @@ pip_quiet() {  # pip, quiet on success, full log on failure
   rm -f "$log"
 }
 
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+say() { echo "$(date +%H:%M:%S) setup: $*"; }  # a line per step: the whole set-up takes a few minutes
+
+[ -x .venv/bin/python ] || { say "creating .venv ($PY)"; "$PY" -m venv .venv; }
+say "installing pip, torch 2.14.1"
 pip_quiet install --upgrade pip
 pip_quiet install "torch==2.14.1"
+say "installing qpass (editable) with transformers, gptqmodel, peft, optimum, pytest, matplotlib"
 pip_quiet install -e ".[test,bench]"
+say "installing autoawq 0.2.9 (--no-deps)"
 pip_quiet install --no-deps "autoawq==0.2.9"
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
