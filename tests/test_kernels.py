@@ -10,7 +10,11 @@ activation dtype bit for bit (every scales x output dtype); the GEMM equals x @ 
 chunk boundaries; its dx equals autograd's through the plain-torch base; compiled prefill and training of a
 tiny Llama through it equal eager qpass (logits, adapter gradients). bf16 x on AVX512-BF16 takes the panel
 GEMM (every layout, K slices, half panels, row tails) and `_mm_lora` computes LoRA inside the call: both
-against float64 within the float32-accumulation bound and the stated roundings."""
+against float64 within the float32-accumulation bound and the stated roundings.
+
+Instruction sets: this process tests the path -march=native takes here; test_forced_isa_builds_pass_the_kernel_checks
+builds the others (QPASS_CPU_ISA=avx512 where the CPU has it, avx2, portable) and runs a compact subset of these
+cases under each, asserting which path the library says it took."""
 
 import pytest
 import torch
@@ -81,22 +85,39 @@ def _gemv_bound(x, q, layout):
     return 8 * 2**-24 * (x.double().abs() @ mag) * k ** 0.5
 
 
+GEMV_SHAPES = [(256, 224, 32), (128, 128, 64), (384, 64, 128), (256, 32, 256)]  # (K, N, group)
+DTYPE_ID = lambda d: str(d).replace("torch.", "")  # readable ids: the forced-ISA subset names cases by them
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_reference_is_the_library_weight(layout):
+    """`_exact`, the float64 s * (q - z) the gemv cases compare with, is the library's own dequantized weight
+    before its float16 rounding (gptqmodel's TorchLinear.dequantize_weight, AutoAWQ's dequantize_gemm), at
+    every group size those cases use. Once per layer class, not per case: packing does not depend on the
+    values (it was checked in each of the 80 gemv cases). gptqmodel's method is called as the class defines
+    it, not through the torch.compile wrapper the layer puts on it (the same ops; compiling it per shape cost
+    90 s here)."""
+    for k, n, group in GEMV_SHAPES:
+        q = _gemv_layer(layout, k, n, group, seed=n)
+        if layout == "gptq":
+            lib = type(q).dequantize_weight(q)
+        else:
+            from awq.utils.packing_utils import dequantize_gemm
+
+            lib = dequantize_gemm(q.qweight, q.qzeros, q.scales, 4, group)
+        torch.testing.assert_close(_exact(layout, q).half(), lib, rtol=0, atol=0, msg=f"{layout} {k}x{n} g{group}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
-@pytest.mark.parametrize("k,n,group", [(256, 224, 32), (128, 128, 64), (384, 64, 128), (256, 32, 256)])
+@pytest.mark.parametrize("k,n,group", GEMV_SHAPES)
 def test_gemv_equals_the_library_weight(layout, dtype, rows, k, n, group):
     """Every row-blocking path: GPTQ 1 row, 4-row blocks and their tails, 128-, 64- and 16-column blocks; AWQ
-    1 row, 2-row blocks, whole 128-column blocks and a tail of fewer words (224 = 128 + 96 columns)."""
+    1 row, 2-row blocks, whole 128-column blocks and a tail of fewer words (224 = 128 + 96 columns). Against
+    `_exact`, which test_the_reference_is_the_library_weight ties to the library's own weight."""
     q = _gemv_layer(layout, k, n, group, seed=rows + n)
     exact = _exact(layout, q)
-    # ... which is the library's own dequantized weight before its float16 rounding
-    if layout == "gptq":
-        torch.testing.assert_close(exact.half(), q.dequantize_weight(), rtol=0, atol=0)
-    else:
-        from awq.utils.packing_utils import dequantize_gemm
-
-        torch.testing.assert_close(exact.half(), dequantize_gemm(q.qweight, q.qzeros, q.scales, 4, group), rtol=0, atol=0)
     x = torch.randn(rows, k, dtype=dtype)
     out = GEMV[layout](x, *_gemv_args([q], group))
     ref = x.double() @ exact
@@ -110,17 +131,32 @@ def _rounded(bound, ref, dtype):
     return bound if dtype == torch.float32 else bound + 2**-8 * (ref.abs() + bound)
 
 
-def test_the_bf16_loop_is_built_where_the_cpu_has_it():
-    from pathlib import Path
+def _cpu_flags() -> set:
+    return set(kernels._cpu_flags().split())
 
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    assert kernels.gemv_bf16_loop() == ("avx512_bf16" in flags.split())
+
+def _native_isa() -> str:
+    """The path -march=native takes on this CPU: packed_check.h's #if chain over /proc/cpuinfo's flags."""
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        return "avx512-bf16" if "avx512_bf16" in flags else "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "portable"
+
+
+def test_the_build_took_the_isa_asked_for():
+    """The library says which #if path it was compiled for: under QPASS_CPU_ISA=avx512|avx2|portable that one
+    (test_forced_isa_builds_pass_the_kernel_checks runs this in each forced build), else the one this CPU's
+    flags select; gemv's AVX512-BF16 loop exactly where that path is avx512-bf16 (the CPU has AVX512-BF16)."""
+    asked = kernels.requested_isa()
+    want = _native_isa() if asked == "native" else asked
+    assert kernels.isa() == want, (asked, sorted(f for f in _cpu_flags() if f.startswith(("avx", "fma", "f16c"))))
+    assert kernels.gemv_bf16_loop() == (want == "avx512-bf16")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 def test_gemv_adds_each_sites_lora(layout, dtype, rows, lora_dtype):
     """Siblings of different ranks (each site's t at its own offset) and ranks over 16 (two vector loads);
     bfloat16 A and B are read as they are and multiplied in float32 (the reference uses their exact values)."""
@@ -149,7 +185,7 @@ def test_gemv_adds_each_sites_lora(layout, dtype, rows, lora_dtype):
         gemv(x, *args, [a[0].half(), *a[1:]], [b[0].half(), *b[1:]], scaling)
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 def test_gemv_reads_lora_from_a_pool_as_from_tensors(layout, lora_dtype):
     """`gemv_pooled` (qpass.pool: every A and B in one flat tensor, the scalings in another, offsets per site)
     does the same arithmetic as the tensor-list form: equal bit for bit; an offset past the pool is refused."""
@@ -175,7 +211,7 @@ def test_gemv_reads_lora_from_a_pool_as_from_tensors(layout, lora_dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=DTYPE_ID)
 def test_siblings_in_one_call_equal_separate_calls(layout, scale_dtype):
     layers = [_gemv_layer(layout, 128, n, 32, seed=n) for n in (128, 32, 64)]
     x = torch.randn(2, 128)
@@ -203,7 +239,7 @@ def test_bad_input_names_the_site_and_the_layout():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 def test_fake_kernel_matches_the_real_one(layout, dtype):
     q = _gemv_layer(layout, 128, 96, 32, seed=1)
     x, args = torch.randn(3, 128, dtype=dtype), _gemv_args([q], 32)
@@ -214,11 +250,13 @@ def test_fake_kernel_matches_the_real_one(layout, dtype):
 
 
 @pytest.mark.parametrize("layout,dtype,targets", [
-    ("gptq", torch.float32, "all-linear"), ("gptq", torch.float16, "all-linear"), ("gptq", torch.bfloat16, "all-linear"),
-    ("gptq", torch.bfloat16, ["q_proj", "down_proj"]), ("awq", torch.float16, "all-linear"),
-    ("awq", torch.bfloat16, "all-linear"), ("awq", torch.bfloat16, ["q_proj", "down_proj"])])
+    ("gptq", torch.float16, "all-linear"), ("gptq", torch.bfloat16, ["q_proj", "down_proj"]),
+    ("awq", torch.float16, "all-linear"), ("awq", torch.bfloat16, ["q_proj", "down_proj"])])
 def test_compiled_decode_through_the_kernel_keeps_no_copy(layout, dtype, targets):
-    """All sites LoRA (siblings fused into one kernel call), or some base-only sites."""
+    """All sites LoRA (siblings fused into one kernel call), or some base-only sites. bf16 with every site LoRA:
+    tests/test_lowering.py::test_decode_uses_the_int4_kernel_and_matches_eager (GPTQ and AWQ: these assertions,
+    under aot_eager) and test_lora_inside_the_gemv_equals_the_separate_form below (inductor); fp32:
+    test_lowering.py::test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32 and the same."""
     base = make_model(dtype) if layout == "gptq" else tiny_awq_llama(dtype=dtype)
     model = qpass.prepare(base, qpass.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     randomize_adapters(model)
@@ -254,8 +292,8 @@ def test_lora_inside_the_gemv_equals_the_separate_form(layout, dtype, adapter_dt
 # ---- gptq4_dequant / gptq4_mm: the prefill and training base ------------------------------------------------
 
 
-@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=DTYPE_ID)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_ID)
 @pytest.mark.parametrize("k,n,group", [(256, 224, 32), (384, 64, 128), (256, 32, 256)])
 def test_dequant_is_the_library_weight_bit_for_bit(scale_dtype, out_dtype, k, n, group):
     """s * (q - z) rounded to the scales' dtype (gptqmodel's multiply), then to the activation dtype."""
@@ -268,7 +306,7 @@ def test_dequant_is_the_library_weight_bit_for_bit(scale_dtype, out_dtype, k, n,
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 @pytest.mark.parametrize("ns", [(96,), (384, 320, 64)])  # one chunk; 768 columns over two 512-column chunks
 def test_gemm_equals_x_times_the_unpacked_weight(dtype, ns):
     layers = [_layer(128, n, 32, seed=n) for n in ns]
@@ -325,7 +363,7 @@ DEQUANT = {"gptq": kernels.gptq4_dequant, "awq": kernels.awq4_dequant}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=DTYPE_ID)
 @pytest.mark.parametrize("k,group", [(4352, 128), (2560, 2560)])
 def test_bf16_gemm_over_slices_panels_and_a_low_rank_term(layout, scale_dtype, k, group):
     """bfloat16 x takes the panel GEMM where the CPU has AVX512-BF16 (the unpack writes the micro-kernel's pair
@@ -356,8 +394,8 @@ MM_LORA = {"gptq": kernels.gptq4_mm_lora, "awq": kernels.awq4_mm_lora}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_ID)
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 @pytest.mark.parametrize("k", [256, 4352])
 def test_lora_inside_the_gemm(layout, dtype, adapter_dtype, k):
     """`_mm_lora` (prefill with LoRA): x W_i + s_i (x A_i^T) B_i^T per site with t = x A^T rounded to x's dtype
@@ -399,7 +437,7 @@ def test_dequant_bad_input_names_the_site():
         kernels.gptq4_dequant([q.qweight], [q.qzeros], [q.scales], 32, torch.int32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
 def test_compiled_prefill_and_training_through_the_gemm(dtype):
     """Prefill (no gradient) and a training step: every base on dequant-cpu, logits and adapter gradients equal
     eager qpass (the library's kernel + the spec's math)."""
@@ -560,3 +598,79 @@ def test_compiled_prefill_and_training_of_other_layouts_through_the_gemm(kind):
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
     for grad, g in zip(grads, ref_grads):
         torch.testing.assert_close(grad, g, rtol=tol, atol=tol * g.abs().max().item())
+
+
+# ---- forced instruction sets: the #if paths this CPU's native build does not take ------------------------------
+
+# One build per forced path (QPASS_CPU_ISA), each in its own process (a process loads one build of the ops): a
+# compact subset of the cases above, each against its plain-torch / library reference. gemv: 1 row and a block
+# with a tail, float32 and bfloat16 x, GPTQ and AWQ, with LoRA; dequant: each output dtype (from another scales
+# dtype), AWQ's 9 pairs, int4pack with a tail block; the chunked GEMM. Plus the library's own word on its path.
+ISA_SUBSET = [
+    "test_the_build_took_the_isa_asked_for",
+    "test_gemv_equals_the_library_weight[256-224-32-1-float32-awq]",
+    "test_gemv_equals_the_library_weight[256-224-32-1-bfloat16-gptq]",
+    "test_gemv_equals_the_library_weight[256-224-32-6-float32-gptq]",
+    "test_gemv_equals_the_library_weight[256-224-32-6-bfloat16-awq]",
+    "test_gemv_adds_each_sites_lora[bfloat16-5-bfloat16-gptq]",
+    "test_gemv_adds_each_sites_lora[float32-5-float32-awq]",
+    "test_dequant_is_the_library_weight_bit_for_bit[256-224-32-bfloat16-float16]",
+    "test_dequant_is_the_library_weight_bit_for_bit[256-224-32-float16-bfloat16]",
+    "test_dequant_is_the_library_weight_bit_for_bit[256-224-32-float32-float32]",
+    "test_awq_dequant_is_the_library_weight_bit_for_bit[256-224-32-autoawq]",
+    "test_int4pack_dequant_is_the_layout_weight_bit_for_bit[gptq-tail]",
+    "test_gemm_equals_x_times_the_unpacked_weight[ns1-bfloat16]",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_forced_isa_builds_pass_the_kernel_checks(isa, tmp_path):
+    """QPASS_CPU_ISA=isa in a child pytest running ISA_SUBSET: the build says it took that path, and the kernels
+    equal their references there. The first run on a machine builds each (about 30 s, then torch's extension
+    cache); avx512 is skipped on a CPU without AVX-512 (it could not run there)."""
+    import os
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    try:
+        kernels._isa_flags(isa)
+    except qpass.QpassError as exc:
+        pytest.skip(str(exc))
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not the parent's xdist worker
+    env["QPASS_CPU_ISA"] = isa
+    junit = tmp_path / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+           *(f"tests/test_kernels.py::{case}" for case in ISA_SUBSET)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    log = f"QPASS_CPU_ISA={isa}: rc {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0 and junit.is_file(), log
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
+    # every case ran and passed: a build that fails falls back and skips the module, which must not pass here
+    assert counts == {"tests": len(ISA_SUBSET), "failures": 0, "errors": 0, "skipped": 0}, log
+
+
+def test_an_isa_this_cpu_cannot_run_is_refused(monkeypatch):
+    """A forced path the CPU lacks would die on an illegal instruction, and an unknown name builds nothing:
+    both raise (not the quiet fallback a failed build takes), naming what is missing and what to use."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the forced paths are x86-64's")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t\t: fpu sse sse2 avx fma")
+    with pytest.raises(qpass.QpassError, match=r"QPASS_CPU_ISA=avx2: this CPU lacks avx2 f16c .*; use native, portable$"):
+        kernels._isa_flags("avx2")
+    with pytest.raises(qpass.QpassError, match=r"QPASS_CPU_ISA=avx512: this CPU lacks avx512f avx512bw"):
+        kernels._isa_flags("avx512")
+    assert kernels._isa_flags("portable") == ["-march=x86-64"] and kernels._isa_flags("native") == ["-march=native"]
+    monkeypatch.setattr(kernels, "_STATE", {})  # as before the first build; restored after the test
+    monkeypatch.setenv("QPASS_CPU_ISA", " AVX3 ")
+    assert kernels.requested_isa() == "avx3"
+    with pytest.raises(qpass.QpassError, match="QPASS_CPU_ISA='avx3' is not one of native, avx512, avx2, portable"):
+        kernels.available()
+    assert "ok" not in kernels._STATE

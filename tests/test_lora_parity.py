@@ -1,7 +1,8 @@
 """LoRA on gptqmodel TorchLinear: qpass against PEFT's GPTQLoraLinear (the oracle), in eager and compiled.
 
 A PEFT adapter with non-zero lora_B is saved to a directory; qpass loads that directory; logits,
-gradients after one optimizer step, and the adapter qpass saves back (loaded by PEFT) are compared.
+gradients after one optimizer step, and the adapter qpass saves back (loaded by PEFT) are compared. The save /
+reload round trip is tested here for LoRA, QA-LoRA and OFT at once.
 """
 
 import pytest
@@ -11,7 +12,7 @@ peft = pytest.importorskip("peft")
 
 import qpass
 
-from adapter_parity import max_rel, sgd_updates
+from adapter_parity import assert_close, make_model as eager_model, max_rel, randomize, sgd_updates
 from conftest import LOGIT_TOL, input_ids, make_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,27 +93,46 @@ def test_one_optimizer_step_matches_peft(adapter_dirs, dtype):
         assert max_rel(ours, ref) < 0.1
 
 
-def test_saved_adapter_loads_in_peft(tmp_path, adapter_dirs):
+# What qpass saves, PEFT loads (its config and logits) and qpass loads back bit for bit: one adapter per kind of
+# slot whose file layout differs (LoRA with rsLoRA, QA-LoRA with its pooled A, OFT's packed skew blocks). Each
+# starts from PEFT's own save (non-zero tensors), and its tensors are scaled after loading, so the file qpass
+# writes is not the one it read. (Was three copies: here, tests/test_qalora.py, tests/test_oft.py.)
+ROUND_TRIPS = {  # PEFT config; the tensors given random values (std) in PEFT; those scaled in qpass (factor); config
+    "lora-rslora": (lambda: peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL, use_rslora=True),
+                    "lora_", 0.1, "lora_A", 1.5, {"use_rslora": True}),
+    "qalora-G32-rslora": (lambda: peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL, use_qalora=True,
+                                                  qalora_group_size=32, use_rslora=True),
+                          "lora_", 0.1, "lora_A", 1.5, {"use_qalora": True, "qalora_group_size": 32, "use_rslora": True}),
+    "oft-neumann3-r4": (lambda: peft.OFTConfig(target_modules=ALL, oft_block_size=0, r=4, num_cayley_neumann_terms=3),
+                        "oft_R", 0.15, "oft_R", 1.3, {"r": 4, "oft_block_size": 0, "num_cayley_neumann_terms": 3}),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROUND_TRIPS))
+def test_saved_adapter_loads_in_peft_and_back(tmp_path, kind):
+    config, randomized, std, scaled, factor, expect = ROUND_TRIPS[kind]
+    source = peft.get_peft_model(eager_model(), config())
+    randomize(source, (randomized,), std=std)
+    source.save_pretrained(str(tmp_path / "peft"))
     ids = input_ids()
-    model = qpass.prepare(make_model(), str(adapter_dirs["rslora"]))
+    model = qpass.prepare(eager_model(), str(tmp_path / "peft"))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.mul_(1.5)  # diverge from the loaded file, so the round trip is not trivially equal
+            if scaled in name:
+                p.mul_(factor)  # diverge from the loaded file, so the round trip is not trivially equal
         ours = model(ids).logits
     qpass.save_adapter(model, tmp_path / "saved")
-    reloaded = peft.PeftModel.from_pretrained(make_model(), str(tmp_path / "saved"))
-    assert reloaded.peft_config["default"].use_rslora
+    reloaded = peft.PeftModel.from_pretrained(eager_model(), str(tmp_path / "saved")).eval()
+    cfg = reloaded.peft_config["default"]
+    assert {k: getattr(cfg, k) for k in expect} == expect
     with torch.no_grad():
-        theirs = reloaded(ids).logits
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=LOGIT_TOL[torch.float32])
+        assert_close(reloaded(ids).logits, ours)
     # and back into qpass, bit-exact
-    again = qpass.prepare(make_model(), str(tmp_path / "saved"))
-    for (n1, p1), (n2, p2) in zip(
-        sorted((n, p) for n, p in model.named_parameters() if p.requires_grad),
-        sorted((n, p) for n, p in again.named_parameters() if p.requires_grad),
-    ):
-        assert n1 == n2 and torch.equal(p1, p2)
+    again = qpass.prepare(eager_model(), str(tmp_path / "saved"))
+    mine, back = (sorted((n, p) for n, p in m.named_parameters() if p.requires_grad) for m in (model, again))
+    assert len(mine) == len(back) > 0
+    for (n1, p1), (n2, p2) in zip(mine, back):
+        assert n1 == n2 and torch.equal(p1, p2), n1
 
 
 def test_peft_config_object_is_accepted():

@@ -23,15 +23,16 @@ MODELS = {
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_decode_uses_the_int4_kernel_and_matches_eager(kind):
-    """GPTQ with groups in order and AWQ: qpass's gemv on the library's own packing (no copy); act-order GPTQ:
-    aten's int4 kernel on a repacked copy."""
+    """GPTQ with groups in order and AWQ: qpass's gemv on the library's own packing (no copy; the bf16
+    all-linear cases of tests/test_kernels.py::test_compiled_decode_through_the_kernel_keeps_no_copy); act-order
+    GPTQ: aten's int4 kernel on a repacked copy."""
     model = qpass.prepare(MODELS[kind](), qpass.LoraConfig(**CFG))
     randomize_adapters(model)
     ref, out, bases, _ = eager_and_compiled(model, input_ids(batch=1, seq=1), inner="aot_eager")
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.bfloat16])
     gemv = kind != "gptq-asym-act-order" and kernels.available()
     kernel = "gemv-cpu (library layout, no copy)" if gemv else "int4pack-cpu bf16"
-    assert all(b.startswith(kernel) for b in bases), bases
+    assert len(bases) == 14 and all(b.startswith(kernel) for b in bases), bases
     assert sum("fused q_proj+k_proj+v_proj" in b for b in bases) == 6
     assert sum("fused gate_proj+up_proj" in b for b in bases) == 4
     repacked = lowering.repacked_bytes(list(model._qpass.sites.values()))
@@ -164,7 +165,8 @@ def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(gemv_lo
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
     bases = _bases(model)
     assert sum("fused" in b for b in bases) == 10 and len(bases) == 14, bases
-    assert all(b.startswith("gemv-cpu") for b in bases), bases
+    assert all(b.startswith("gemv-cpu (library layout, no copy)") for b in bases), bases
+    assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
     assert counts == [1 + adapter_mms], counts
 
 

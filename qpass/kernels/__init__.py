@@ -18,11 +18,16 @@ panels (64 columns, in L2); otherwise cache-sized column chunks, each multiplied
 Optional low-rank terms (LoRA's up-projection) added in the same accumulation; differentiable (the backward
 unpacks again).
 
-Built with `torch.utils.cpp_extension.load` (C++17, -O3, -march=native; about 30 s once per machine, then
-loaded from torch's extension cache; the extension's name carries a digest of the source and of this
-CPU's flags, so a shared cache never hands one CPU's build to another). If the build fails (no compiler),
-`available()` is False, the reason is kept in `unavailable_reason()` and the lowerings use aten's kernel.
-Set QPASS_CPP_KERNELS=0 to never build or use them.
+Built with `torch.utils.cpp_extension.load` (-O3, -march=native; about 30 s once per machine, then loaded
+from torch's extension cache; the extension's name carries the instruction set and a digest of the source,
+the compiler flags and this CPU's flags, so a shared cache never hands one CPU's build to another). If the
+build fails (no compiler), `available()` is False, the reason is kept in `unavailable_reason()` and the
+lowerings use aten's kernel. Set QPASS_CPP_KERNELS=0 to never build or use them.
+
+QPASS_CPU_ISA=avx512|avx2|portable forces one instruction-set path instead of this CPU's (native, the
+default): -march=x86-64 plus the x86-64-v4 AVX-512 set / AVX2+FMA+F16C / nothing; avx512 and avx2 are refused
+(QpassError) on a CPU that lacks them. `isa()` says which path the loaded build took ("avx512-bf16", "avx512",
+"avx2" or "portable"), asked of the library itself. One process loads one build.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "dequant.cpp")]
 _HEADERS = [Path(__file__).with_name("packed_check.h")]  # in the build digest: a change rebuilds
 _LOCK = threading.Lock()
-_STATE: dict = {}  # "ok": bool, "reason": str
+_STATE: dict = {}  # "ok": bool, "reason": str, "path": the loaded library, "isa": what it says it was built for
 
 
 def _cpu_flags() -> str:
@@ -55,24 +60,84 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> None:
+# QPASS_CPU_ISA: the instruction-set path the kernels are compiled for (the #if chain in packed_check.h picks the
+# AVX-512, AVX2 or portable loops from the compiler's target). "native" (default) builds for this CPU; the others
+# force one path whatever the CPU, for testing a path this machine would not take (tests/test_kernels.py), or for
+# one build that runs on several CPUs. Each is its own extension (the name carries the ISA and the digest).
+_ISA_FLAGS = {
+    "native": ["-march=native"],
+    # the x86-64-v4 set (every AVX-512 CPU has it: Skylake-SP and later, Zen 4 and later); no AVX512-BF16, so an
+    # AVX512-BF16 CPU tests its plain AVX-512 loops this way and its bf16 loops under "native"
+    "avx512": ["-march=x86-64", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512cd", "-mavx2", "-mfma",
+               "-mf16c"],
+    "avx2": ["-march=x86-64", "-mavx2", "-mfma", "-mf16c"],  # QPASS_AVX2: AVX2 + FMA + F16C
+    "portable": ["-march=x86-64"],  # baseline x86-64 (SSE2); on other CPUs the compiler's default target
+}
+# the /proc/cpuinfo flags a forced build's code needs to run here (it would die on an illegal instruction)
+_ISA_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2", "fma", "f16c"),
+              "avx2": ("avx2", "fma", "f16c")}
+
+
+def requested_isa() -> str:
+    """QPASS_CPU_ISA (lower-cased; "native" when unset): native, avx512, avx2 or portable."""
+    return os.environ.get("QPASS_CPU_ISA", "").strip().lower() or "native"
+
+
+def _isa_flags(isa: str) -> list:
+    """The compiler flags for `isa`; a QpassError for a name qpass does not know, or a path this CPU cannot run."""
+    import platform
+
+    from ..errors import QpassError
+
+    if isa not in _ISA_FLAGS:
+        raise QpassError(f"QPASS_CPU_ISA={isa!r} is not one of {', '.join(_ISA_FLAGS)}; unset it to build for this CPU "
+                         "(native)")
+    if isa == "native":
+        return list(_ISA_FLAGS[isa])
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        if isa == "portable":
+            return []  # the compiler's default target
+        raise QpassError(f"QPASS_CPU_ISA={isa}: an x86-64 instruction set, and this CPU is {platform.machine()}; use "
+                         "native or portable")
+    have = set(_cpu_flags().split())
+    missing = [f for f in _ISA_NEEDS.get(isa, ()) if f not in have]
+    if missing:
+        raise QpassError(f"QPASS_CPU_ISA={isa}: this CPU lacks {' '.join(missing)} (/proc/cpuinfo), so a build for it "
+                         "would stop on an illegal instruction; use native, portable"
+                         + (" or avx2" if isa == "avx512" and not [f for f in _ISA_NEEDS["avx2"] if f not in have] else ""))
+    return list(_ISA_FLAGS[isa])
+
+
+def _build(isa: str, flags: list) -> str:
+    """Builds (or loads from torch's extension cache) and loads the kernels for `isa`; returns the library's path."""
     from torch.utils import cpp_extension
 
     source = "".join(p.read_text() for p in _SOURCES + _HEADERS)
-    digest = hashlib.sha1((source + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
-    cpp_extension.load(
-        name=f"qpass_kernels_{digest}", sources=[str(p) for p in _SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        is_python_module=False, verbose=False)
+    digest = hashlib.sha1((source + isa + " ".join(flags) + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+    name = f"qpass_kernels_{isa}_{digest}"
+    from ..log import Step  # progress lines (silent in library use): the build takes ~30 s, the cached load ~1 s
+
+    cached = os.path.isfile(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
+    with Step(f"building qpass CPU kernels for {isa} (once per machine, ~30 s)", "built qpass CPU kernels", silent=cached):
+        path = cpp_extension.load(
+            name=name, sources=[str(p) for p in _SOURCES], extra_cflags=["-O3", *flags, "-fopenmp"],
+            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    # torch returns the library's path here (documented as nothing); else where it builds
+    return path or os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so")
 
 
 def available() -> bool:
-    """Whether the kernels are built and loaded (building them on the first call)."""
+    """Whether the kernels are built and loaded (building them on the first call) for QPASS_CPU_ISA (default
+    native). A QPASS_CPU_ISA that is unknown, or names a path this CPU cannot run, raises QpassError instead of
+    falling back: the build asked for is not the one that would run."""
     if os.environ.get("QPASS_CPP_KERNELS", "1") == "0":
         return False
     with _LOCK:
         if "ok" not in _STATE:
+            isa = requested_isa()
+            flags = _isa_flags(isa)  # raises: a wrong QPASS_CPU_ISA is the user's to fix, not a reason to fall back
             try:
-                _build()
+                _STATE["path"] = _build(isa, flags)
                 _STATE["ok"], _STATE["reason"] = True, ""
             except Exception as exc:  # no compiler, no ninja, a read-only cache...: fall back, say why once
                 _STATE["ok"], _STATE["reason"] = False, f"{type(exc).__name__}: {exc}"
@@ -81,6 +146,21 @@ def available() -> bool:
                               "/ training inductor's plain-torch dequantize instead",
                               stacklevel=2)
         return _STATE["ok"]
+
+
+def isa() -> str:
+    """The instruction-set path the loaded kernels were compiled with, as the library itself says (its exported
+    `qpass_isa()`, the #if chain in packed_check.h): "avx512-bf16" (AVX-512 loops and the AVX512-BF16 bf16
+    loops), "avx512", "avx2" or "portable". Raises RuntimeError where the kernels are not available."""
+    if not available():
+        raise RuntimeError(f"qpass: the CPU kernels are not available ({unavailable_reason()})")
+    if "isa" not in _STATE:
+        import ctypes
+
+        fn = ctypes.CDLL(_STATE["path"]).qpass_isa  # the process's copy: dlopen of a loaded library reuses it
+        fn.restype = ctypes.c_char_p
+        _STATE["isa"] = fn().decode()
+    return _STATE["isa"]
 
 
 def unavailable_reason() -> Optional[str]:

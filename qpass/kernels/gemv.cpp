@@ -954,6 +954,10 @@ bool gemv_bf16_loop(const at::Tensor&) { return kBf16Loop; }
 
 }  // namespace
 
+// The instruction-set path this library was compiled for (QPASS_ISA, packed_check.h): a plain C function, so
+// that qpass.kernels.isa() can ask the library itself (ctypes) what its build took.
+extern "C" __attribute__((visibility("default"))) const char* qpass_isa() { return QPASS_ISA; }
+
 // The schemas are defined in Python (qpass/kernels/__init__.py, with the fakes used while tracing).
 TORCH_LIBRARY_IMPL(qpass_kernels, CPU, m) {
   m.impl("gptq4_gemv", TORCH_FN(int4_gemv<false>));
