@@ -45,7 +45,7 @@ def _layer_index(patterns, path: str):
     """(pattern, layer index) of `path`: the number after the first of `patterns` found in it, or None."""
     patterns = [patterns] if isinstance(patterns, str) else patterns
     for pat in patterns:
-        m = re.match(rf".*\.{pat}\.(\d+)\.", path)
+        m = re.match(rf"(?:^|.*?\.){pat}\.(\d+)\.", path)  # PEFT's rule: the first match, also at the start
         if m:
             return pat, int(m.group(1))
     return None
@@ -56,7 +56,12 @@ def _wanted_layers(cfg: AdapterConfig) -> list:
 
 
 def _layer_ok(cfg: AdapterConfig, path: str) -> bool:
-    if cfg.layers_to_transform is None:
+    """PEFT's layer filter (`check_target_module_exists`): none for None or an empty list, and none for a
+    target_modules entry equal to the module's full name (it matches before the filter)."""
+    wanted = cfg.layers_to_transform
+    if wanted is None or (isinstance(wanted, (list, tuple)) and not wanted):
+        return True
+    if not isinstance(cfg.target_modules, str) and cfg.target_modules is not None and path in cfg.target_modules:
         return True
     found = _layer_index(cfg.layers_pattern or DEFAULT_LAYER_PATTERNS, path)
     return found is not None and found[1] in _wanted_layers(cfg)
