@@ -128,7 +128,8 @@ SPEC = register(
         check=lambda site, cfg: blocks(site, cfg),
         rank=lambda cfg: cfg.r or cfg.oft_block_size,
         before_forward=before_forward,
-        traced_config=("dtype_policy", "coft", "eps", "module_dropout"),  # what before_forward reads
+        # what before_forward and the compute read at trace time (a hot-swap that changes one of them retraces)
+        traced_config=("dtype_policy", "coft", "eps", "module_dropout", "use_cayley_neumann", "num_cayley_neumann_terms"),
         description="OFT / COFT (block-orthogonal input rotation)",
     )
 )

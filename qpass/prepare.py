@@ -127,7 +127,10 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
         # the guards on every field of the site and its adapters).
         if not site.trace_key or not all(slots[n].trace_key for n in names):
             raise QpassError(f"{site.path}: qpass state without a trace key")
-        found = pool.pooled(site, names)  # no-grad steps read the model's adapter pool: 2 graph inputs, not 3 per site
+        # no-grad steps read the model's adapter pool: 2 graph inputs, not 3 per site (not with dropout: the
+        # pooled lowerings serve eval-shaped steps only)
+        dropout = self.training and any(slots[n].dropout_p > 0 for n in names)
+        found = None if dropout else pool.pooled(site, names)
         if found is not None:
             xa = site.adapter_inputs(x, names, self.training, found.data.dtype)
             return torch.ops.qpass.site(x, xa, site.base_tensors(), [found.data, found.scalings], site.key,
