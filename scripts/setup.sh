@@ -8,18 +8,27 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-pip_quiet() {  # pip, quiet on success, full log on failure
-  local log
+say() { echo "$(date +%H:%M:%S) setup: $*"; }  # a line per step: the whole set-up takes a few minutes
+
+pip_quiet() {  # pip, quiet on success (a line every 8 s while it works), full log on failure
+  local log pid rc=0 ticks=0 start=$SECONDS
   log=$(mktemp)
-  if ! .venv/bin/python -m pip "$@" >"$log" 2>&1; then
+  .venv/bin/python -m pip "$@" >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    ticks=$((ticks + 1))
+    if kill -0 "$pid" 2>/dev/null && (( ticks % 8 == 0 )); then
+      say "  ... pip $1 still running ($((SECONDS - start)) s: $(grep -o '^\(Collecting\|Installing\|Building\)[^(]*' "$log" | tail -1))"
+    fi
+  done
+  wait "$pid" || rc=$?
+  if (( rc != 0 )); then
     grep -v '^WARNING: Location' "$log" >&2
-    rm -f "$log"
-    return 1
   fi
   rm -f "$log"
+  return "$rc"
 }
-
-say() { echo "$(date +%H:%M:%S) setup: $*"; }  # a line per step: the whole set-up takes a few minutes
 
 [ -x .venv/bin/python ] || { say "creating .venv ($PY)"; "$PY" -m venv .venv; }
 say "installing pip, torch 2.14.1"
