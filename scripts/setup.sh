@@ -19,7 +19,7 @@ pip_quiet() {  # pip, quiet on success (a line every 8 s while it works), full l
     sleep 1
     ticks=$((ticks + 1))
     if kill -0 "$pid" 2>/dev/null && (( ticks % 8 == 0 )); then
-      say "  ... pip $1 still running ($((SECONDS - start)) s: $(grep -o '^\(Collecting\|Installing\|Building\)[^(]*' "$log" | tail -1))"
+      say "  ... pip $1 still running ($((SECONDS - start)) s: $(grep -o '^\(Collecting\|Installing\|Building\)[^(]*' "$log" | tail -1 | cut -c1-70))"
     fi
   done
   wait "$pid" || rc=$?
