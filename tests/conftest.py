@@ -31,12 +31,13 @@ def input_ids(batch=2, seq=12, vocab=256, seed=0):
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
-def randomize_adapters(model, seed=0, std=0.1):
-    """Give every LoRA tensor non-zero values (B is zero at init, which would hide bugs)."""
+def randomize_adapters(model, seed=0, std=0.1, match="lora_"):
+    """Give every adapter tensor whose name holds `match` non-zero values (LoRA's B and OFT's R start at zero,
+    which would hide bugs); "qpass_adapters" selects every qpass adapter tensor of any kind."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
+            if match in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 

@@ -22,7 +22,7 @@ from qpass import pool, site as site_mod
 from qpass.prepare import QpassState, _site_forward
 from qpass.quant import gptqmodel as gptq_matcher, layouts
 
-from conftest import input_ids, make_model
+from conftest import input_ids, make_model, randomize_adapters
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 EXACT = dict(rtol=0, atol=0)  # fp32, the same ops on the same values
@@ -36,13 +36,8 @@ def _oft():
     return qpass.OFTConfig(target_modules="all-linear", oft_block_size=16, r=0)
 
 
-def _randomize(model, seed=0, std=0.1):
-    """Non-zero values in every adapter tensor (LoRA's B and OFT's R start at zero, which would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "qpass_adapters" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+def _randomize(model, seed=0):
+    randomize_adapters(model, seed=seed, match="qpass_adapters")  # every kind (OFT's R too)
 
 
 def _logits(model, ids):
