@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from qpass.config import LoraConfig
 from qpass.errors import QpassError
-from qpass.spec import AdapterSpec, Param, register
+from qpass.spec import AdapterSpec, LowRank, Param, register
 
 
 def init_A(cfg):
@@ -63,5 +63,6 @@ SPEC = register(
         dropout=lambda cfg: cfg.lora_dropout,
         check=check,
         description="LoRA / rsLoRA / lora_bias",
+        low_rank=LowRank(a="lora_A.weight", b="lora_B.weight", scaling="scaling", bias="lora_B.bias"),
     )
 )

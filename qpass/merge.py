@@ -9,8 +9,8 @@ weight — and (b) a fresh round-to-nearest scale/zero. The error per site (max 
 ‖W_eff‖ and to the adapter's own ‖W_eff − W‖) is measured on the repacked layer and reported; the merge
 refuses, naming the sites, when the relative error exceeds `max_rel_error`.
 
-Repacking is library-specific (`_repacker`): gptqmodel layers holding GPTQ packing, through gptqmodel's own
-`pack_block`.
+Repacking is the layout's (`Layout.merge_grid` / `merge_repack`): today gptqmodel layers holding GPTQ
+packing, through gptqmodel's own `pack_block`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from torch import nn
 from . import resident, transaction
 from .errors import QpassError
 from .prepare import state_of, unprepare, unwrap
-from .quant import normal_storage
-from .quant.packing import unpack_stream
 
 
 @dataclass
@@ -68,13 +66,6 @@ def effective_weight(site, names: tuple) -> tuple:
     return run(eye) - b, b
 
 
-def _gptq_grid(site):
-    """(scales (G, out) fp32, zeros (G, out) fp32, g_idx) of a GPTQ-packed layer."""
-    m = site.module
-    zeros = unpack_stream(m.qzeros, site.info.bits, dim=1, count=site.info.out_features).float()
-    return m.scales.float(), zeros, m.g_idx.long()
-
-
 def _requantize(W: torch.Tensor, scales, zeros, g_idx, bits: int, sym: bool):
     """Choose per (group, out) between the existing grid (codes re-rounded) and fresh RTN; returns (scales, zeros)."""
     maxq = 2**bits - 1
@@ -109,35 +100,6 @@ def _fake_quant(W, scales, zeros, g_idx, bits):
     return s * (torch.clamp(torch.round(W / s + z), 0, maxq) - z)
 
 
-def _repack_gptq_torch(site, W, b, scales, zeros, g_idx) -> None:
-    """Repack a gptqmodel GPTQ layer in place with gptqmodel's own packer (in-memory zeros stay "v2")."""
-    m = site.module
-    linear = nn.Linear(site.info.in_features, site.info.out_features, bias=b is not None)
-    linear.weight.data.copy_(W.T)
-    if b is not None:
-        linear.bias.data.copy_(b)
-    if b is not None and "bias" not in m._buffers:
-        m.__dict__.pop("bias", None)  # a bias-less layer holds `bias = None` as a plain attribute
-    m.pack_block(linear, scales.T.contiguous(), zeros.T.contiguous(), g_idx.to(torch.int32))
-    normal_storage(m)  # pack_block works under inference_mode
-    for attr in ("_g_idx_long_cache", "_zeros_cache"):
-        if hasattr(m, attr):
-            setattr(m, attr, None)
-    if hasattr(m, "clear_weight_cache"):
-        m.clear_weight_cache()
-    if hasattr(m, "qzero_format"):
-        m.qzero_format(format=2)  # what pack_block wrote; gptqmodel converts back to v1 when saving
-
-
-def _repacker(site):
-    """(grid, repack) for layers holding gptqmodel's GPTQ packing with gptqmodel's packer, else None."""
-    from .quant import gptqmodel as gptq_matcher
-
-    if site.info.matcher is gptq_matcher and hasattr(site.module, "pack_block"):
-        return _gptq_grid, _repack_gptq_torch
-    return None
-
-
 def merge(model: nn.Module, *, max_rel_error: float = 0.05, max_adapter_loss: float = 0.5) -> nn.Module:
     """Fold the active adapters into the quantized weights and remove qpass from the model (in place; returns
     the plain model, no longer prepared). `model.qpass_merge_report` holds the per-site errors.
@@ -160,14 +122,15 @@ def _merge(model, state, max_rel_error: float, max_adapter_loss: float) -> nn.Mo
         names = site.active_names()
         if not names:
             continue
-        found = _repacker(site)
-        if found is None:
-            raise QpassError(f"{path}: merging into {site.info.cls_name} ({site.info.library}, this layout) is not supported; "
-                             "merge works on gptqmodel GPTQ-packed layers (TorchLinear, TorchCpuAvx512Linear, ... before any repack)")
-        grid, repack = found
+        grid = site.info.layout.merge_grid(site)
+        if grid is None:
+            raise QpassError(f"{path}: merging into {site.info.cls_name} ({site.info.library}, layout {site.info.layout.name}) "
+                             "is not supported: the layout cannot requantize in place. Merge works on gptqmodel "
+                             "GPTQ-packed layers (TorchLinear, TorchCpuAvx512Linear, ... before any repack)")
+        repack = site.info.layout.merge_repack
         W0, b0 = effective_weight(site, ())
         W1, b1 = effective_weight(site, names)
-        scales, zeros, g_idx = grid(site)
+        scales, zeros, g_idx = grid
         new_s, new_z = _requantize(W1, scales, zeros, g_idx, site.info.bits, bool(site.info.sym))
         err = _fake_quant(W1, new_s, new_z, g_idx, site.info.bits) - W1
         rel = (err.norm() / W1.norm().clamp(min=1e-12)).item()
@@ -216,7 +179,6 @@ def save_quantized(model: nn.Module, path, **save_pretrained_kwargs) -> None:
 
     from .adapter_io import replacing_dir
     from .quant import QuantInfo, match
-    from .quant import gptqmodel as gptq_matcher
 
     model = unwrap(model)
     if getattr(model, "_qpass", None) is not None:
@@ -234,7 +196,7 @@ def save_quantized(model: nn.Module, path, **save_pretrained_kwargs) -> None:
             if on_disk_v1:
                 for _, module in model.named_modules():
                     info = match(module)
-                    if isinstance(info, QuantInfo) and info.matcher is gptq_matcher and "qzeros" in info.buffers:
+                    if isinstance(info, QuantInfo) and info.layout.v2_zero_points:
                         saved.append((module, module.qzeros.detach().clone()))
                         grid = types.SimpleNamespace(bits=info.bits, pack_dtype=torch.int32)
                         convert_gptq_v2_to_v1_format_module(module, grid)

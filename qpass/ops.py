@@ -11,18 +11,13 @@ fake kernel gives the output's shape, and its autograd formula recomputes the si
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import site as _site
 
 OP_NAME = "qpass::site"
-
-
-# First of `names` when the op's adapter tensors are the model's adapter pool ([data, scalings], qpass.pool)
-# rather than the active slots' own tensors. Only traces without gradients are pooled: the op's backward never
-# sees a pooled call (dynamo guards grad mode).
-POOL_MARK = "@pool"
-POOLED = POOL_MARK + ","
 
 
 def join_names(names) -> str:
@@ -31,21 +26,36 @@ def join_names(names) -> str:
 
 
 def split_names(names: str) -> tuple:
-    """The active adapter names (without the pool marker: see `pooled_names`)."""
-    return tuple(n for n in names.split(",") if n and n != POOL_MARK)
+    return tuple(n for n in names.split(",") if n)
 
 
-def pooled_names(names: str) -> bool:
-    return names.startswith(POOLED)
+class SiteArgs(NamedTuple):
+    """A `qpass::site` node's arguments by name. `pooled`: the adapter tensors are the model's adapter pool
+    ([data, scalings], qpass.pool) rather than the active slots' own tensors; only traces without gradients
+    are pooled, so the op's backward never sees a pooled call (dynamo guards grad mode)."""
+
+    x: object
+    xa: list
+    base: list
+    adapter: list
+    site_key: str
+    names: tuple
+    pooled: bool
+
+    @classmethod
+    def of(cls, node) -> "SiteArgs":
+        x, xa, base, adapter, site_key, names, *rest = node.args
+        pooled = rest[0] if rest else node.kwargs.get("pooled", False)
+        return cls(x, list(xa), list(base), list(adapter), site_key, split_names(names), bool(pooled))
 
 
-def adapter_tensors(site, adapter: list, names: str) -> list:
+def adapter_tensors(site, adapter: list, names: tuple, pooled: bool) -> list:
     """The active slots' tensors, in order: the op's own list, or views of the pool it was given."""
-    if not pooled_names(names):
+    if not pooled:
         return list(adapter)
     from . import pool
 
-    return pool.expand([site.slots[n] for n in split_names(names)], list(adapter))
+    return pool.expand([site.slots[n] for n in names], list(adapter))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -56,19 +66,21 @@ def site_op(
     adapter: list[torch.Tensor],
     site_key: str,
     names: str,
+    pooled: bool = False,
 ) -> torch.Tensor:
     site = _site.get(site_key)
-    return site.run(x, xa, base, adapter_tensors(site, adapter, names), split_names(names), site.torch_base)
+    names = split_names(names)
+    return site.run(x, xa, base, adapter_tensors(site, adapter, names, pooled), names, site.torch_base)
 
 
 @site_op.register_fake
-def _(x, xa, base, adapter, site_key, names):
+def _(x, xa, base, adapter, site_key, names, pooled=False):
     site = _site.get(site_key)
     return x.new_empty((*x.shape[:-1], site.info.out_features))
 
 
 def _setup_context(ctx, inputs, output):
-    x, xa, base, adapter, site_key, names = inputs
+    x, xa, base, adapter, site_key, names, *_ = inputs  # never pooled (see SiteArgs)
     ctx.site_key = site_key
     ctx.names = split_names(names)
     ctx.counts = (len(xa), len(base), len(adapter))
@@ -95,7 +107,7 @@ def _backward(ctx, grad):
     gx, gxa, gtrain = vjp(grad)
     it = iter(gtrain)
     gadapter = [next(it) if flt else None for flt in float_adapter]
-    return gx, list(gxa), [None] * n_base, gadapter, None, None
+    return gx, list(gxa), [None] * n_base, gadapter, None, None, None
 
 
 site_op.register_autograd(_backward, setup_context=_setup_context)

@@ -24,7 +24,7 @@ What could break the aliasing, and what happens then:
   (`pooled`), so a new trace never reads a pool its slots have left; `ensure` rebuilds the pool if qpass may
   take the tensors that replaced the views (not FSDP2's).
 - Assigning `p.data = t` or `torch.utils.swap_tensors` on an adapter parameter is not seen by a graph ALREADY
-  compiled onto the pool: it keeps reading the old values until something recompiles (README: limits). Copy
+  compiled onto the pool: it keeps reading the old values until something recompiles (README: Limits). Copy
   in place (`p.copy_(t)`), `load_state_dict`, or `qpass.hotswap_adapter`.
 """
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -40,8 +41,6 @@ import torch
 
 from . import site as _site
 
-SPECS = ("lora",)
-TENSORS = ["lora_A.weight", "lora_B.weight", "scaling"]
 DTYPES = (torch.float32, torch.bfloat16)
 ALIGN = 16  # every tensor starts a multiple of 16 elements in: inductor assumes 16-byte aligned inputs
 
@@ -78,10 +77,12 @@ def get(key: str) -> Pool:
 
 
 def _poolable(slot, dtype=None, device=None, shared=()) -> bool:
-    """A LoRA slot whose A, B and scaling qpass may move into a pool: plain tensors, each the whole of its
+    """A slot of a low-rank spec (`AdapterSpec.low_rank`, no bias) whose A, B and scaling qpass may move into a
+    pool: plain tensors, each the whole of its
     storage or a view of one of the `shared` storages (the model's pool), never a view into someone else's
     buffer (FSDP2's unsharded parameters view its all-gather buffer; its shards are DTensors)."""
-    if slot.spec.name not in SPECS or list(slot.tensor_names) != TENSORS:
+    decl = slot.spec.low_rank
+    if decl is None or list(slot.tensor_names) != [decl.a, decl.b, decl.scaling]:
         return False
     a, b, s = slot.tensors()
     if not all(_plain(t) and _own(t, shared) for t in (a, b, s)):
@@ -119,7 +120,7 @@ def build(state) -> None:
     first = next((slot for slot in slots if _poolable(slot, shared=shared)), None)
     if first is None:
         return
-    a0 = first.get("lora_A.weight")
+    a0 = first.get(first.spec.low_rank.a)
     members = [slot for slot in slots if _poolable(slot, a0.dtype, a0.device, shared)]
     entries, at = [], 0
     for i, slot in enumerate(members):
@@ -265,3 +266,30 @@ def _aliased_at_trace(site_key: str, names: tuple) -> bool:
     changes only through the hooks that turn the pool off, or unseen, and then the next compile repairs it)."""
     site = _site.get(site_key)
     return all(aliased(site.slots[n]) for n in names)
+
+
+# ---- the pool pass ------------------------------------------------------------------------------------
+
+
+def unpool_pass(gm, nodes: list, chosen: dict, needs_grad: bool, fuse_siblings: bool) -> None:
+    """Graph pass, run before sibling fusion. Contract: afterwards a site node is pooled only if its lowering
+    reads the pool as it is (`lowering.reads_pool`: the gemv kernel, at each slot's entry) and it can join a
+    sibling group; every other pooled node gets the active slots' own tensors instead, as views of the pool
+    made at the top of the graph (so sibling grouping sees them before every site)."""
+    from . import lowering as _lowering
+    from .ops import SiteArgs, join_names
+
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    for node in nodes:
+        a = SiteArgs.of(node)
+        if not a.pooled:
+            continue
+        site = _site.get(a.site_key)
+        if fuse_siblings and _lowering.reads_pool(chosen[node], needs_grad) and _lowering.fusable(site, a.names):
+            continue
+        entries = [site.slots[n].pool_entry for n in a.names]
+        with gm.graph.inserting_before(first):
+            out = gm.graph.call_function(entry_views, (a.adapter, flat(entries)))
+            views = [gm.graph.call_function(operator.getitem, (out, i)) for i in range(3 * len(entries))]
+        node.args = (a.x, a.xa, a.base, views, a.site_key, join_names(a.names))
+        node.kwargs = {}

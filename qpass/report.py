@@ -16,6 +16,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import lowering
+from .state import SLOTS_ATTR
+
 
 COLUMNS = ("module", "library / class", "bits", "group", "in→out", "adapter", "rank", "dtype policy", "base", "status", "params")
 WIDTH = 160  # the printed report fits a terminal this wide
@@ -104,8 +107,6 @@ class Report:
         """The model's adapter parameters (`<layer>.qpass_adapters.<adapter>.<tensor>`, as named_parameters names
         them) that hold NaN or inf now: read so from a file (qpass.adapter_io.check_finite warned as it read
         them) or diverged in training. Looked up each time the report is read, so it is never stale."""
-        from .prepare import SLOTS_ATTR
-
         bad = []
         with torch.no_grad():
             for name, p in self._model_ref.named_parameters():
@@ -283,8 +284,6 @@ def _split_top(text: str, sep: str) -> list:
 
 def _known_lowerings() -> list:
     """(label, name) of qpass.lowering's lowerings, longest label first."""
-    from . import lowering
-
     return sorted(((lowering.label(n), n) for n in lowering.LOWERINGS), key=lambda ln: -len(ln[0]))
 
 

@@ -55,8 +55,8 @@ def why_not(site) -> Optional[str]:
     device = getattr(module, info.buffers[0]).device
     if device.type != "cpu":
         return f"int4pack layout is for CPU weights (this layer is on {device})"
-    if not lowering._codes_ok(site):
-        return (f"int4pack layout needs 4-bit GPTQ/AWQ packing with group in {lowering._GROUPS}; "
+    if not lowering.codes_ok(site):
+        return (f"int4pack layout needs 4-bit GPTQ/AWQ packing with group in {lowering.GROUPS}; "
                 f"this layer is {info.bits}-bit, group {info.group_size}, {info.cls_name}")
     scales = getattr(module, "scales")
     if scales.dtype != torch.bfloat16:
@@ -76,8 +76,8 @@ def convert(site) -> Optional[str]:
     info = site.info
     module = site.module
     with torch.no_grad():
-        found = lowering._codes_scales_zeros(site, site.base_tensors())
-        packed = lowering._pack([site], "cpu", parts=[found])
+        found = lowering.codes_scales_zeros(site, site.base_tensors())
+        packed = lowering.pack([site], "cpu", parts=[found])
     if packed is None:
         return "int4pack layout: this layer's codes cannot be repacked (act-order groups not contiguous)"
     zero_codes = found[2].to(torch.uint8).contiguous()
@@ -96,7 +96,7 @@ def convert(site) -> Optional[str]:
     site.library_info = info
     site.library_buffers = kept
     site.info = dataclasses.replace(info, buffers=("qweight", "scales", "qpass_zero_codes", "scales_and_zeros") + extra + bias,
-                                    matcher=layouts.int4pack_resident, eager_base="torch")
+                                    layout=layouts.int4pack_resident, eager_base="torch")
     site.state_dict_hook = module._register_state_dict_hook(_library_state_dict)
     return None
 
@@ -115,13 +115,7 @@ def library_qweight(site) -> torch.Tensor:
         unpermuted = torch.empty_like(codes)
         unpermuted[:, perm.long()] = codes
         codes = unpermuted
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    if lib.matcher is layouts.awq:  # (K, N/8): 8 output columns per word, in AutoAWQ's interleaved order
-        natural = codes.t().to(torch.int64).reshape(lib.in_features, -1, 8)
-        words = (natural[..., list(layouts.AWQ_SLOT_COLUMN)] << shifts).sum(-1)  # slot p holds column AWQ_SLOT_COLUMN[p]
-    else:  # GPTQ: (K/8, N), 8 input rows per word
-        words = (codes.to(torch.int64).reshape(lib.out_features, -1, 8) << shifts).sum(-1).t()
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()  # two's complement words
+    return lib.layout.pack_codes(lib, codes)
 
 
 def restore(site) -> None:

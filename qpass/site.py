@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import policy
+from .lowering import lowered_site
 from .quant import QuantInfo, base_forward
 
 _SITES: dict = {}
@@ -196,8 +197,6 @@ class Site:
     def lowered(self, names: tuple, lowering: str = "torch-dequant", needs_grad: bool = False):
         """The function the backend splices into the graph in place of this site's op node (chosen in
         `qpass.lowering`: device int4 kernels, or plain torch with any derived constants)."""
-        from .lowering import lowered_site
-
         return lowered_site(self, names, lowering, needs_grad)
 
     def plain_lowered(self, names: tuple):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qpass
-from qpass.toy import tiny_gptq_llama
+from qpass.testing import tiny_gptq_llama
 
 # Tolerances per dtype for logits of the tiny model (|logit| ~ 1): bf16/fp16 differences come from
 # operation order (inductor fuses; PEFT runs op by op), fp32 from summation order only.
@@ -44,6 +44,18 @@ def randomize_adapters(model, seed=0, std=0.1, match="lora_"):
 def bases(model):
     """The report's `base` column (the lowerings) of a prepared model or its compiled wrapper."""
     return [r.base for r in qpass.report(model).rows if r.base]
+
+
+def mm_counting_backend(counts: list):
+    """aot_eager that records how many aten.mm/addmm each forward graph calls."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw(gm, example_inputs):
+        mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        counts.append(sum(n.op == "call_function" and n.target in mms for n in gm.graph.nodes))
+        return gm.forward
+
+    return aot_autograd(fw_compiler=fw)
 
 
 def eager_and_compiled(model, ids, inner="inductor"):

@@ -13,7 +13,7 @@ pytest.importorskip("awq")
 
 import qpass
 from qpass.quant import QuantInfo, autoawq, match
-from qpass.toy import awq_linear_from, tiny_awq_llama
+from qpass.testing import awq_linear_from, tiny_awq_llama
 
 from conftest import input_ids
 
@@ -31,7 +31,7 @@ def test_dequant_is_autoawqs_bit_for_bit():
         assert type(q) is WQLinear_GEMM
         info = match(q)
         assert isinstance(info, QuantInfo) and info.library == "autoawq" and info.eager_base == "torch"
-        ours = info.matcher.dequantize(info, q.qweight, q.qzeros, q.scales)
+        ours = info.layout.dequantize(info, q.qweight, q.qzeros, q.scales)
         theirs = dequantize_gemm(q.qweight, q.qzeros, q.scales, 4, group_size)
         assert ours.dtype == theirs.dtype == torch.float16
         assert torch.equal(ours, theirs)
@@ -132,7 +132,7 @@ def test_slot_major_base_equals_natural_dequant_and_is_cached_for_the_graph(grou
     tensors = [getattr(q, n) for n in info.buffers]
     x = torch.randn(3, 5, 256, dtype=torch.float16)
     natural = x.float() @ layouts.awq_dequantize(info, q.qweight, q.qzeros, q.scales).float()
-    ours = layouts._awq_forward(info, x.float(), tensors)  # W in the scales' fp16, as AutoAWQ; the matmul in fp32
+    ours = layouts.awq.torch_forward(info, x.float(), tensors)  # W in the scales' fp16, as AutoAWQ; the matmul in fp32
     torch.testing.assert_close(ours, natural + q.bias.float(), rtol=1e-5, atol=1e-4)
     assert layouts.slot_major(info, q.qzeros.shape[0])
     model = qpass.prepare(torch.nn.Sequential(q), qpass.LoraConfig(r=4, target_modules=["0"]))

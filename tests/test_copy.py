@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 
 import qpass
 from qpass import pool, site as site_mod
-from qpass.prepare import QpassState, _site_forward
-from qpass.quant import gptqmodel as gptq_matcher, layouts
+from qpass.prepare import _site_forward
+from qpass.quant import layouts
+from qpass.quant.gptqmodel import gptq_packed
+from qpass.state import QpassState
 
 from conftest import input_ids, make_model, randomize_adapters
 
@@ -63,7 +65,7 @@ def _check_copy(original, copied):
         assert s.slots is module.qpass_adapters and module._qpass_site is s
         assert module.forward.func is _site_forward and module.forward.args[0] is module
         assert s.info == original._qpass.sites[path].info
-        assert s.info.matcher is original._qpass.sites[path].info.matcher
+        assert s.info.layout is original._qpass.sites[path].info.layout
         for name, slot in s.slots.items():
             assert slot.spec is original._qpass.sites[path].slots[name].spec
     assert not _adapter_ptrs(original) & _adapter_ptrs(copied)  # no adapter tensor shared
@@ -154,7 +156,7 @@ COPIES = {
 @pytest.mark.parametrize("kind", ["lora", "oft"])
 def test_awq_model_round_trips(kind, how):
     pytest.importorskip("awq")
-    from qpass.toy import tiny_awq_llama
+    from qpass.testing import tiny_awq_llama
 
     ids = input_ids(batch=1, seq=6)
     model = qpass.prepare(tiny_awq_llama(num_hidden_layers=1), _lora() if kind == "lora" else _oft())
@@ -163,7 +165,7 @@ def test_awq_model_round_trips(kind, how):
     copied = COPIES[how](model)
     torch.testing.assert_close(_logits(copied, ids), before, **EXACT)
     _check_copy(model, copied)
-    assert all(s.info.matcher is layouts.awq for s in _sites(copied))
+    assert all(s.info.layout is layouts.awq for s in _sites(copied))
     # the copy trains on its own: an optimizer step on it leaves the original as it was
     opt = torch.optim.SGD([p for p in copied.parameters() if p.requires_grad], lr=0.5)
     copied(ids).logits.square().mean().backward()
@@ -172,12 +174,12 @@ def test_awq_model_round_trips(kind, how):
     torch.testing.assert_close(_logits(model, ids), before, **EXACT)
 
 
-def test_quant_info_pickles_its_matcher_by_import_path():
+def test_quant_info_pickles_its_layout_by_name():
     model = qpass.prepare(make_model(num_hidden_layers=1), _lora())
     info = _sites(model)[0].info
-    assert info.matcher is gptq_matcher
+    assert info.layout is gptq_packed
     loaded = pickle.loads(pickle.dumps(info))
-    assert loaded == info and loaded.matcher is gptq_matcher
+    assert loaded == info and loaded.layout is gptq_packed
     assert copy.deepcopy(info) is info  # immutable
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qpass.quant import QuantInfo, match
-from qpass.quant.gptqmodel import dequantize, torch_forward
-from qpass.toy import gptq_linear_from
+from qpass.quant.gptqmodel import dequantize, gptq_packed
+from qpass.testing import gptq_linear_from
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -28,7 +28,7 @@ def test_dequant_matches_gptqmodel(bits, sym, desc_act, group_size):
     x = torch.randn(3, 5, 128, dtype=torch.float16)
     with torch.no_grad():
         ref = q(x)
-    out = torch_forward(info, x, [getattr(q, n) for n in info.buffers])
+    out = gptq_packed.torch_forward(info, x, [getattr(q, n) for n in info.buffers])
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
 
 

@@ -5,7 +5,7 @@ batch shapes and LoRA options, qpass equals the reference on a real gptqmodel la
 Both qpass paths are checked: eager (library kernel + spec math) and the op's eager kernel (`site.run` on the
 plain-torch base).
 
-A compiled model runs neither: qpass's rewrite replaces each site by a LOWERING (qpass/lowering.py): qpass's C++
+A compiled model runs neither: qpass's rewrite replaces each site by a LOWERING (qpass/lowering/): qpass's C++
 gemv (decode, LoRA and the adapter pool in the same call), its dequant GEMM (prefill and training), aten's int4
 kernel on a repacked copy (act-order bf16 decode) or the plain-torch dequantize, with sibling sites (q/k/v) fused
 into one call. The last two tests fuzz exactly those, on three sibling layers against PEFT (section "through the
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import qpass
 from qpass import kernels, lowering
 from qpass.ops import join_names
-from qpass.toy import awq_linear_from, gptq_linear_from
+from qpass.testing import awq_linear_from, gptq_linear_from
 
 peft = pytest.importorskip("peft")
 
@@ -203,7 +203,7 @@ def test_adalora_equals_library_dequant_plus_math(shape, r, alpha):
 #
 # Three quantized layers `a`, `b`, `c` read one input (as q/k/v do): sibling sites, which the rewrite fuses.
 # PEFT (GPTQLoraLinear / AwqLoraLinear on the same packed layers) is the oracle; the model is compiled, and
-# the report's `base` column must name the lowering the documented rules pick for the example (qpass/lowering.py
+# the report's `base` column must name the lowering the documented rules pick for the example (qpass/lowering/
 # table: gemv-cpu for <= 16 tokens without gradients, dequant-cpu for prefill and training, int4pack-cpu for
 # act-order bf16 decode, torch-dequant for other bit widths) with the three siblings fused — so an example
 # never passes by silently falling back to another lowering.
@@ -260,7 +260,7 @@ def _sibling_layers(c):
 
 
 def expected_lowering(c) -> str:
-    """The lowering qpass/lowering.py's table documents for the example (`choose` with lowering="auto")."""
+    """The lowering docs/design.md's lowering table documents for the example (`choose` with lowering="auto")."""
     tokens = 1
     for d in c["lead"]:
         tokens *= d

@@ -24,7 +24,7 @@ from qpass import kernels, lowering
 from qpass.quant import layouts, match
 from qpass.quant.packing import int4pack_block_n
 from qpass.quant.gptqmodel import dequantize
-from qpass.toy import awq_linear_from, gptq_linear_from, tiny_awq_llama
+from qpass.testing import awq_linear_from, gptq_linear_from, tiny_awq_llama
 
 from conftest import LOGIT_TOL, adapter_grads, bases as report_bases, eager_and_compiled, input_ids, make_model, randomize_adapters
 
@@ -545,7 +545,7 @@ def _awq_classes():
 def test_awq_dequant_is_the_library_weight_bit_for_bit(cls, k, n, group):
     q = _awq_layer(k, n, group, seed=n, cls=cls)
     info = match(q)
-    assert info.matcher is layouts.awq
+    assert info.layout is layouts.awq
     for scale_dtype in (torch.float16, torch.bfloat16, torch.float32):
         scales = q.scales.to(scale_dtype)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):

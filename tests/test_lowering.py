@@ -1,4 +1,4 @@
-"""Base lowerings chosen per device/mode (qpass/lowering.py) and fused sibling adapters (qpass/rewrite.py):
+"""Base lowerings chosen per device/mode (qpass/lowering/) and fused sibling adapters (qpass/rewrite.py):
 each compared with eager qpass (the library kernel + the spec's math, PEFT's numerics), gradients included.
 inner="aot_eager" keeps these fast; the lowering happens in the qpass rewrite whatever the inner backend."""
 
@@ -7,9 +7,9 @@ import torch
 
 import qpass
 from qpass import kernels, lowering
-from qpass.toy import tiny_awq_llama
+from qpass.testing import tiny_awq_llama
 
-from conftest import LOGIT_TOL, bases as _bases, eager_and_compiled, input_ids, make_model, randomize_adapters
+from conftest import LOGIT_TOL, bases as _bases, eager_and_compiled, input_ids, make_model, mm_counting_backend, randomize_adapters
 
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
@@ -132,18 +132,6 @@ def test_adapter_linear_reduce_form_equals_linear(dtype, bias):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
-def _mm_counting_backend(counts: list):
-    """aot_eager that records how many aten.mm/addmm each forward graph calls."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    def fw(gm, example_inputs):
-        mms = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-        counts.append(sum(n.op == "call_function" and n.target in mms for n in gm.graph.nodes))
-        return gm.forward
-
-    return aot_autograd(fw_compiler=fw)
-
-
 @pytest.mark.parametrize("gemv_lora,seq,adapter_mms", [(True, 1, 0), (True, 3, 0), (False, 1, 0), (False, 3, 8 + 14)])
 def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(gemv_lora, seq, adapter_mms, monkeypatch):
     """No gradient, <= 16 tokens: the 14 fp32 bases run qpass's gemv kernel and their LoRA runs inside it
@@ -161,7 +149,7 @@ def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(gemv_lo
     counts = []
     with torch.no_grad():
         ref = model(ids).logits
-        out = torch.compile(model, backend=qpass.backend(_mm_counting_backend(counts)))(ids).logits
+        out = torch.compile(model, backend=qpass.backend(mm_counting_backend(counts)))(ids).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
     bases = _bases(model)
     assert sum("fused" in b for b in bases) == 10 and len(bases) == 14, bases

@@ -81,7 +81,7 @@ def test_merge_4bit_refuses_over_threshold_leaving_the_model_as_it_was():
 # test_merge_refuses_an_adapter_finer_than_the_quantization_step). Measured, worst layer / logits, at seed 0 (the
 # one tested): LoRA 0.09 / 0.04, QA-LoRA 0.17 / 0.22, AdaLoRA 0.16 / 0.14, OFT 0.11 / 0.13; worst over 3-5 other
 # seeds: 0.13 / 0.04, 0.17 / 0.26, 0.27 / 0.14, 0.12 / 0.13. QA-LoRA's delta is constant per quantisation group and
-# moves into integer zero points only up to rounding (README: Merge); AdaLoRA's delta, a product of three random
+# moves into integer zero points only up to rounding (docs/design.md: Merge); AdaLoRA's delta, a product of three random
 # factors, is small on some layers. A merge that lost the adapter reads 1.0, one that kept half of it 0.5.
 MERGE_KINDS = {
     "lora": (lambda: qpass.LoraConfig(r=4, lora_alpha=8, target_modules=ALL, lora_bias=True), ("lora_",), 0.1, 0.25),
@@ -182,10 +182,10 @@ def test_merged_checkpoint_saves_and_reloads_with_transformers(tmp_path_factory)
 def test_merge_refuses_awq_layers_by_name_and_leaves_the_model_as_it_was(library):
     """Merge repacks GPTQ packing only: an AWQ layer (AutoAWQ's WQLinear_GEMM, gptqmodel's AwqTorchLinear) is
     refused, naming it, before anything changes: same tensors, same logits, still prepared."""
-    from qpass.toy import tiny_awq_llama
+    from qpass.testing import tiny_awq_llama
 
     if library == "autoawq":
-        if importlib.util.find_spec("awq") is None:  # not importorskip: qpass.toy imports it without its notice
+        if importlib.util.find_spec("awq") is None:  # not importorskip: qpass.testing imports it without its notice
             pytest.skip("autoawq is not installed")
         base = tiny_awq_llama(num_hidden_layers=1)
     else:

@@ -123,7 +123,7 @@ def test_a_tensor_put_in_place_of_a_pooled_one_is_what_the_compiled_step_reads(h
         name = next(n for n, p in model.named_parameters() if p is holder.weight)
         model.load_state_dict({name: new}, strict=False, assign=True)
     else:
-        holder.weight.data = new  # not seen by qpass until the next compile (README: limits)
+        holder.weight.data = new  # not seen by qpass until the next compile (README: Limits)
         torch._dynamo.reset()
     slot = model.model.layers[0].mlp.down_proj.qpass_adapters["default"]
     if how.startswith("p.data"):

@@ -28,8 +28,9 @@ peft = pytest.importorskip("peft")
 
 import qpass
 from qpass.quant import QuantInfo, match
+from qpass.quant.layout import Layout
 from qpass.spec import registered
-from qpass.toy import awq_linear_from, gptq_linear_from
+from qpass.testing import awq_linear_from, gptq_linear_from
 
 IN, OUT = 128, 96  # OUT = 64 + 32: exercises the int4pack tail block; a multiple of 32 for the AVX-512 layout
 TABLE: dict = {}  # (case, kind) -> {"oracle": err, ...}, filled by the tests
@@ -299,8 +300,8 @@ def test_base_matches_library(case):
     ref_native = library_weight_native(q)
     ref_w = ref_native.float()
     tensors = [getattr(q, n) for n in info.buffers]
-    if hasattr(info.matcher, "dequantize"):
-        ours = info.matcher.dequantize(info, *[t for n, t in zip(info.buffers, tensors) if n not in ("bias", "ret_idx")])
+    if type(info.layout).dequantize is not Layout.dequantize:
+        ours = info.layout.dequantize(info, *[t for n, t in zip(info.buffers, tensors) if n not in ("bias", "ret_idx")])
         if "ret_idx" in info.buffers:  # the kernel's permuted input order -> the model's
             restored = torch.empty_like(ours)
             restored[q.ret_idx.long()] = ours
@@ -311,7 +312,7 @@ def test_base_matches_library(case):
         err = (ours.to(ref_native.dtype).float() - ref_w).abs().max().item()
         assert err <= tol, f"{case}: dequantize differs from the library's by {err:.3g}"
     x = _x()
-    out = info.matcher.torch_forward(info, x, tensors).float()
+    out = info.layout.torch_forward(info, x, tensors).float()
     ref = x @ ref_w + (q.bias.float() if q.bias is not None else 0)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-2 * ref.abs().max().item())
     # the weights really are the RTN quantisation of a random layer (the packing is real, not all zeros)

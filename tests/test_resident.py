@@ -12,7 +12,7 @@ import torch
 import qpass
 from qpass import lowering, resident
 from qpass.errors import QpassError
-from qpass.toy import tiny_awq_llama
+from qpass.testing import tiny_awq_llama
 
 from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
 from test_errors import expect_error
@@ -76,7 +76,7 @@ def test_int4pack_layout_trains_with_the_library_layouts_gradients(kind):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
     # Same weights bit for bit (tests/test_kernels.py). GPTQ: the same bf16 GEMMs, gradients equal (observed 0).
     # AWQ: the library layout's plain-torch base multiplies with the weight's columns in slot-major order
-    # (layouts._awq_forward), a different GEMM shape and so a different bf16 accumulation order than the
+    # (layouts.awq.torch_forward), a different GEMM shape and so a different bf16 accumulation order than the
     # converted layout's GEMM in natural order: bf16 rounding differences, observed 1.2% of the largest entry.
     atol = 1e-6 if kind.startswith("gptq") else 3e-2
     for name, g in grads[0].items():

@@ -62,6 +62,6 @@ def match(module: nn.Module):
         in_features=int(module.in_features),
         out_features=int(module.out_features),
         buffers=("qweight", "qzeros", "scales") + (("bias",) if getattr(module, "bias", None) is not None else ()),
-        matcher=layouts.awq,
+        layout=layouts.awq,
         eager_base="torch",
     )

@@ -68,10 +68,10 @@ def match(module: nn.Module):
     if qweight is None:
         return Unsupported(LIBRARY, cls_name, f"{cls_name} holds no qweight (not loaded yet?)")
     if qweight.dtype == torch.uint8 and name == "TorchCpuAvx512AwqLinear":  # repacked by a bf16 eval forward
-        return QuantInfo(buffers=("qweight", "qzeros", "scales") + bias, matcher=layouts.hf_int4, **common)
+        return QuantInfo(buffers=("qweight", "qzeros", "scales") + bias, layout=layouts.hf_int4, **common)
     if qweight.dtype == torch.uint8:  # repacked for aten int4pack by an eval forward
         int4pack_block_n()  # probe this CPU's layout now, in eager, not while dynamo traces the site
-        return QuantInfo(buffers=("qweight", "scales_and_zeros") + bias, matcher=layouts.int4pack_cpu, **common)
+        return QuantInfo(buffers=("qweight", "scales_and_zeros") + bias, layout=layouts.int4pack_cpu, **common)
     if not 2 <= bits <= 8 or qweight.dtype != torch.int32:
         return Unsupported(LIBRARY, cls_name, f"{bits}-bit / {qweight.dtype} AWQ packing is not lowered by qpass")
-    return QuantInfo(buffers=("qweight", "qzeros", "scales") + bias, matcher=layouts.awq, **common)
+    return QuantInfo(buffers=("qweight", "qzeros", "scales") + bias, layout=layouts.awq, **common)

@@ -1,7 +1,4 @@
-"""Base computations for the weight layouts more than one library/class holds, in plain torch.
-
-A matcher points `QuantInfo.matcher` at one of these namespaces; each offers
-`torch_forward(info, x, tensors)` with `tensors` the module's `info.buffers`, in that order.
+"""The weight layouts more than one library or class holds, each a registered `Layout` (qpass.quant.layout).
 
 - `awq`: AWQ GEMM layout — qweight (in, out*bits/32), qzeros (groups, out*bits/32), scales (groups, out);
   4-bit words interleaved in AutoAWQ's order, other widths a contiguous bit stream (gptqmodel).
@@ -9,41 +6,42 @@ A matcher points `QuantInfo.matcher` at one of these namespaces; each offers
 - `int4pack_cpu`: what gptqmodel's CPU fused classes hold after their first eval forward — qweight in
   aten's int4pack layout, `scales_and_zeros` (groups, out, 2), optional `ret_idx` (act-order permutation of
   the input); W[k', n] = (q[n, k'] - 8) * scale + zero, y = x[..., ret_idx] @ W.
+- `int4pack_resident`: qpass.resident's int4pack codes with the library's own scales and zero codes.
 - `int8_channel`: gptqmodel's TorchInt8Linear — int8 (out, in) weights and one scale per output channel.
 - `hf_int4`: gptqmodel's TorchCpuAvx512[Awq]Linear after their first bf16 eval forward — uint8 codes in
   32-row groups, float zero points and scales (groups, out), optional `ret_idx`.
+
+gptqmodel's GPTQ packing is registered by its matcher (qpass/quant/gptqmodel.py).
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
+from .layout import Layout, add_bias, named as _named, register_layout
 from .packing import AWQ_REVERSE_ORDER, awq_interleave, int4pack_block_n, unpack_int4pack_cpu_kn, unpack_stream
 
-
-def _named(info, tensors) -> dict:
-    return dict(zip(info.buffers, tensors))
-
-
-def _add_bias(out, named):
-    bias = named.get("bias")
-    return out if bias is None else out + bias.to(out.dtype)
+# Scale dtypes qpass's C++ kernels read.
+CPP_SCALES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _permuted_forward(dequantize, *names):
-    """torch_forward of a layout whose kernel may permute the input (act-order: `ret_idx`):
-    x[..., ret_idx] @ dequantize(info, *those buffers) + bias."""
+def cpp_buffers_ok(named: dict) -> bool:
+    """The weights are on the CPU with scales the C++ kernels read."""
+    return named["qweight"].device.type == "cpu" and named["scales"].dtype in CPP_SCALES
 
-    def forward(info, x, tensors):
+
+class _Permuted(Layout):
+    """A layout whose kernel may permute the input (act-order: `ret_idx`): x[..., ret_idx] @ W + bias, with W
+    from `dequantize` over the buffers named in `weights`."""
+
+    weights: tuple = ()
+
+    def torch_forward(self, info, x, tensors, *derived):
         named = _named(info, tensors)
         if "ret_idx" in named:
             x = x.index_select(-1, named["ret_idx"].long())
-        weight = dequantize(info, *(named[n] for n in names)).to(x.dtype)
-        return _add_bias(torch.matmul(x, weight), named)
-
-    return forward
+        weight = self.dequantize(info, *(named[n] for n in self.weights)).to(x.dtype)
+        return add_bias(torch.matmul(x, weight), named)
 
 
 # ---- AWQ GEMM ---------------------------------------------------------------------------------------
@@ -67,43 +65,78 @@ AWQ_COLUMN_SLOT = AWQ_REVERSE_ORDER
 
 
 def awq_slot_scales(scales: torch.Tensor) -> torch.Tensor:
-    """(G, N) scales -> (G, 8, N/8): the scale of the column in slot p of word w at [g, p, w] (see `_awq_forward`)."""
+    """(G, N) scales -> (G, 8, N/8): the scale of the column in slot p of word w at [g, p, w] (see `AwqGemm`)."""
     g, n = scales.shape
     return scales.view(g, n // 8, 8)[:, :, list(AWQ_SLOT_COLUMN)].transpose(1, 2)
 
 
 def slot_major(info, groups: int) -> bool:
-    """4-bit AWQ with whole groups: the slot-major form of `_awq_forward` applies."""
+    """4-bit AWQ with whole groups: the slot-major form of `AwqGemm.torch_forward` applies."""
     group = info.group
     return info.bits == 4 and info.out_features % 8 == 0 and groups * group == info.in_features
 
 
-def _awq_forward(info, x, tensors, slot_scales=None):
-    """y = x @ W (+ bias). 4-bit: W is dequantized with its columns in slot-major order (column p·N/8 + w is slot
-    p of word w), where every load is contiguous and each shift constant per row — the natural order would
-    need a per-element shift and word index, which inductor computes one element at a time. The GEMM's output
-    columns are then put back in natural order (M×N values, not K×N). Same products and roundings as
-    `awq_dequantize`. `slot_scales`: `awq_slot_scales(scales)` made once (the lowering caches it), else
-    gathered here."""
-    named = _named(info, tensors)
-    if not slot_major(info, named["qzeros"].shape[0]):
-        weight = awq_dequantize(info, named["qweight"], named["qzeros"], named["scales"]).to(x.dtype)
-        return _add_bias(torch.matmul(x, weight), named)
-    qweight, qzeros, scales = named["qweight"], named["qzeros"], named["scales"]
-    k, words = qweight.shape
-    groups = qzeros.shape[0]
-    if slot_scales is None:
-        slot_scales = awq_slot_scales(scales)
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32).view(1, 8, 1)
-    q = (qweight.unsqueeze(1) >> shifts) & 15  # (K, 8, N/8)
-    z = (qzeros.unsqueeze(1) >> shifts) & 15  # (G, 8, N/8)
-    w = (q.view(groups, k // groups, 8, words) - z.unsqueeze(1)).to(scales.dtype) * slot_scales.unsqueeze(1)
-    y = torch.matmul(x, w.reshape(k, 8 * words).to(x.dtype))
-    y = y.unflatten(-1, (8, words))[..., list(AWQ_COLUMN_SLOT), :].transpose(-1, -2).flatten(-2)
-    return _add_bias(y, named)
+class AwqGemm(Layout):
+    name = "awq-gemm"
+
+    def dequantize(self, info, qweight, qzeros, scales):
+        return awq_dequantize(info, qweight, qzeros, scales)
+
+    def torch_forward(self, info, x, tensors, slot_scales=None):
+        """y = x @ W (+ bias). 4-bit: W is dequantized with its columns in slot-major order (column p·N/8 + w is
+        slot p of word w), where every load is contiguous and each shift constant per row — the natural order
+        would need a per-element shift and word index, which inductor computes one element at a time. The
+        GEMM's output columns are then put back in natural order (M×N values, not K×N). Same products and
+        roundings as `awq_dequantize`. `slot_scales`: `awq_slot_scales(scales)` made once (`derived`), else
+        gathered here."""
+        named = _named(info, tensors)
+        if not slot_major(info, named["qzeros"].shape[0]):
+            weight = awq_dequantize(info, named["qweight"], named["qzeros"], named["scales"]).to(x.dtype)
+            return add_bias(torch.matmul(x, weight), named)
+        qweight, qzeros, scales = named["qweight"], named["qzeros"], named["scales"]
+        k, words = qweight.shape
+        groups = qzeros.shape[0]
+        if slot_scales is None:
+            slot_scales = awq_slot_scales(scales)
+        shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32).view(1, 8, 1)
+        q = (qweight.unsqueeze(1) >> shifts) & 15  # (K, 8, N/8)
+        z = (qzeros.unsqueeze(1) >> shifts) & 15  # (G, 8, N/8)
+        w = (q.view(groups, k // groups, 8, words) - z.unsqueeze(1)).to(scales.dtype) * slot_scales.unsqueeze(1)
+        y = torch.matmul(x, w.reshape(k, 8 * words).to(x.dtype))
+        y = y.unflatten(-1, (8, words))[..., list(AWQ_COLUMN_SLOT), :].transpose(-1, -2).flatten(-2)
+        return add_bias(y, named)
+
+    def derived(self, info, named):
+        if not slot_major(info, named["qzeros"].shape[0]):
+            return None
+        return [awq_slot_scales(named["scales"]).contiguous()]
+
+    def int4_codes(self, info, named):
+        q = unpack_stream(named["qweight"], 4, dim=1, count=info.out_features)
+        z = unpack_stream(named["qzeros"], 4, dim=1, count=info.out_features)
+        return awq_interleave(q), named["scales"], awq_interleave(z), None  # as awq_dequantize (4-bit order)
+
+    def int4_ok(self, info, named):
+        return True
+
+    def cpp_family(self, info, named):
+        ok = info.bits == 4 and info.out_features % 16 == 0 and info.in_features % info.group == 0
+        return "awq4" if ok and cpp_buffers_ok(named) else None
+
+    def pack_codes(self, info, codes_nk):
+        """(K, N/8) int32: 8 output columns per word, in AutoAWQ's interleaved order."""
+        shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+        natural = codes_nk.t().to(torch.int64).reshape(info.in_features, -1, 8)
+        words = (natural[..., list(AWQ_SLOT_COLUMN)] << shifts).sum(-1)  # slot p holds column AWQ_SLOT_COLUMN[p]
+        return _int32_words(words)
 
 
-awq = SimpleNamespace(name="awq-gemm", torch_forward=_awq_forward, dequantize=awq_dequantize)
+def _int32_words(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held in int64 -> int32 (two's complement), contiguous."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+awq = register_layout(AwqGemm())
 
 
 # ---- aten int4pack (CPU) ----------------------------------------------------------------------------
@@ -119,8 +152,19 @@ def int4pack_dequantize(info, qweight, scales_and_zeros) -> torch.Tensor:
     return (codes - 8).float() * scale[g] + zero[g]
 
 
-int4pack_cpu = SimpleNamespace(name="aten-int4pack-cpu", dequantize=int4pack_dequantize,
-                               torch_forward=_permuted_forward(int4pack_dequantize, "qweight", "scales_and_zeros"))
+class Int4packCpu(_Permuted):
+    name = "aten-int4pack-cpu"
+    holds_int4pack = True
+    weights = ("qweight", "scales_and_zeros")
+
+    def dequantize(self, info, qweight, scales_and_zeros):
+        return int4pack_dequantize(info, qweight, scales_and_zeros)
+
+    def int4_ok(self, info, named):
+        return named["scales_and_zeros"].dtype == torch.bfloat16  # the kernel's table format, usable as it is
+
+
+int4pack_cpu = register_layout(Int4packCpu())
 
 
 # ---- qpass's resident int4pack layout (base_layout="int4pack", `qpass.resident`) -----------------------
@@ -149,21 +193,37 @@ def int4pack_resident_dequantize(info, qweight, scales, zero_codes) -> torch.Ten
     return (s * (codes - z).to(s.dtype)).reshape(k, n)
 
 
-int4pack_resident = SimpleNamespace(
-    name="int4pack-resident", dequantize=int4pack_resident_dequantize,
-    torch_forward=_permuted_forward(int4pack_resident_dequantize, "qweight", "scales", "qpass_zero_codes"))
+class Int4packResident(_Permuted):
+    name = "int4pack-resident"
+    holds_int4pack = True
+    weights = ("qweight", "scales", "qpass_zero_codes")
+
+    def dequantize(self, info, qweight, scales, zero_codes):
+        return int4pack_resident_dequantize(info, qweight, scales, zero_codes)
+
+    def int4_ok(self, info, named):
+        return True  # made for the kernel
+
+    def cpp_family(self, info, named):
+        return "int4pack" if cpp_buffers_ok(named) else None
+
+
+int4pack_resident = register_layout(Int4packResident())
 
 
 # ---- int8 per output channel ------------------------------------------------------------------------
 
 
-def _int8_forward(info, x, tensors):
-    named = _named(info, tensors)
-    weight = named["int8_weight_nk"].to(x.dtype) * named["int8_channel_scale"].to(x.dtype).unsqueeze(1)
-    return _add_bias(torch.matmul(x, weight.t()), named)
+class Int8Channel(Layout):
+    name = "int8-per-channel"
+
+    def torch_forward(self, info, x, tensors, *derived):
+        named = _named(info, tensors)
+        weight = named["int8_weight_nk"].to(x.dtype) * named["int8_channel_scale"].to(x.dtype).unsqueeze(1)
+        return add_bias(torch.matmul(x, weight.t()), named)
 
 
-int8_channel = SimpleNamespace(name="int8-per-channel", torch_forward=_int8_forward)
+int8_channel = register_layout(Int8Channel())
 
 
 # ---- gptqmodel's CPU AVX-512 "hf int4" layout ---------------------------------------------------------
@@ -184,5 +244,12 @@ def hf_int4_dequantize(info, qweight, qzeros, scales) -> torch.Tensor:
     return (codes.t().float() - qzeros[g].float()) * scales[g].float()
 
 
-hf_int4 = SimpleNamespace(name="cpu-avx512-int4", dequantize=hf_int4_dequantize,
-                          torch_forward=_permuted_forward(hf_int4_dequantize, "qweight", "qzeros", "scales"))
+class HfInt4(_Permuted):
+    name = "cpu-avx512-int4"
+    weights = ("qweight", "qzeros", "scales")
+
+    def dequantize(self, info, qweight, qzeros, scales):
+        return hf_int4_dequantize(info, qweight, qzeros, scales)
+
+
+hf_int4 = register_layout(HfInt4())
