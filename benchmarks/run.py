@@ -129,24 +129,24 @@ def tensor_bytes(model) -> int:
 
 
 def build(kind: str, sizes: dict, group: int, seed: int = 0):
-    from qpass import toy
+    from qpass import testing
 
     if kind == "dense":
-        return toy.build_llama(seed=seed, dtype=DTYPE, **sizes)
+        return testing.build_llama(seed=seed, dtype=DTYPE, **sizes)
     if kind in ("gptq_torch", "gptq_aten"):
         cls = None
         if kind == "gptq_aten":
             from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear as cls
-        model = toy.build_llama(seed=seed, dtype=DTYPE, **sizes)
-        return toy.quantize_gptq(model, bits=4, group_size=group, sym=True, cls=cls).to(DTYPE)
+        model = testing.build_llama(seed=seed, dtype=DTYPE, **sizes)
+        return testing.quantize_gptq(model, bits=4, group_size=group, sym=True, cls=cls).to(DTYPE)
     if kind in ("awq_autoawq", "awq_torch", "awq_aten"):
         cls = None
         if kind == "awq_torch":
             from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear as cls
         if kind == "awq_aten":
             from gptqmodel.nn_modules.qlinear.torch_aten_kernel_awq import TorchAtenAwqLinear as cls
-        model = toy.build_llama(seed=seed, dtype=DTYPE, **sizes)
-        return toy.quantize_awq(model, bits=4, group_size=group, cls=cls).to(DTYPE)
+        model = testing.build_llama(seed=seed, dtype=DTYPE, **sizes)
+        return testing.quantize_awq(model, bits=4, group_size=group, cls=cls).to(DTYPE)
     raise ValueError(kind)
 
 
@@ -499,7 +499,7 @@ def kernel_table(sizes, group):
     tokens qpass's C++ unpack + GEMM (the prefill / training lowering, no copy)."""
     import qpass
     from qpass import kernels
-    from qpass.toy import gptq_linear_from
+    from qpass.testing import gptq_linear_from
 
     h, i = sizes["hidden_size"], sizes["intermediate_size"]
     shapes = [(h, h), (h, 3 * h), (h, 2 * i), (i, h)]

@@ -5,7 +5,8 @@
 This is IA³'s feed-forward form (PEFT scales the *input* of feed-forward layers). The spec says what the
 adapter owns (`ia3_l`), where it attaches (the input, before the quantized base), what it computes and its
 dtype policy; qpass applies it to every targeted GPTQ/AWQ layer and compiles it into the graph. Nothing
-else in qpass changes.
+else in qpass changes. `qpass.register_config` files the config under its `peft_type`, so an adapter saved
+with `qpass.save_adapter` loads back from its directory (`qpass.prepare(model, path)`, `qpass.load_adapter`).
 
     python examples/custom_pattern.py [--inner inductor|aot_eager|eager]
 """
@@ -17,14 +18,16 @@ if __name__ == "__main__":  # run as a script: progress lines on stderr, third-p
     show_progress()
 
 import argparse
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
 import qpass
-from qpass.toy import tiny_gptq_llama
+from qpass.testing import tiny_gptq_llama
 
 
+@qpass.register_config  # adapter_config.json's "peft_type" -> this class, for loading a saved adapter
 @dataclass
 class InputScaleConfig(qpass.AdapterConfig):
     peft_type = "QPASS_INPUT_SCALE"  # a ClassVar (no annotation): the name qpass files it under
@@ -56,6 +59,15 @@ def main(inner="inductor"):
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     print(qpass.report(compiled))
+    # save the adapter in PEFT's format, load it back onto a fresh model from its directory: the same logits
+    with tempfile.TemporaryDirectory(prefix="qpass-input-scale-") as path:
+        qpass.save_adapter(model, path)
+        reloaded = qpass.prepare(tiny_gptq_llama(), path)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # both eager: the same math, bit for bit
+        want = compiled(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    assert torch.equal(got, want), f"the reloaded adapter differs by {(got - want).abs().max().item():.3g}"
+    print(f"saved and reloaded the {qpass.active_adapters(reloaded)[0]!r} adapter: the same logits")
     return compiled, loss
 
 

@@ -24,7 +24,7 @@ import torch
 import transformers
 
 import qpass
-from qpass.toy import tiny_gptq_llama
+from qpass.testing import tiny_gptq_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

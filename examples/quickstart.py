@@ -19,7 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import qpass
 from qpass.log import Step, logger
-from qpass.toy import tiny_gptq_llama
+from qpass.testing import tiny_gptq_llama
 
 if __name__ == "__main__":
     _importing.end()

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import qpass
-from qpass.toy import tiny_gptq_llama
+from qpass.testing import tiny_gptq_llama
 
 
 def dataset(n: int = 32, seq: int = 32, vocab: int = 256) -> datasets.Dataset:

@@ -15,9 +15,10 @@ import types
 # public name -> the module that defines it
 _EXPORTS = {
     "AdaLoraConfig": ".config", "AdapterConfig": ".config", "LoraConfig": ".config", "OFTConfig": ".config",
+    "register_config": ".config",
     "AdapterLoadError": ".errors", "QpassError": ".errors",
     "orthogonal_regularization": ".adalora_allocator", "update_and_allocate": ".adalora_allocator",
-    "AdapterSpec": ".spec", "Param": ".spec", "SiteShape": ".spec", "register": ".spec",
+    "AdapterSpec": ".spec", "LowRank": ".spec", "Param": ".spec", "SiteShape": ".spec", "register": ".spec",
     "backend": ".backend",
     "compile": ".api", "report": ".api", "save_adapter": ".api",
     "from_peft": ".peft_interop",
@@ -30,8 +31,8 @@ _EXPORTS = {
 _NO_TORCH = {".config", ".errors"}  # plain Python: resolving these imports neither torch nor the hook
 
 __all__ = [
-    "AdaLoraConfig", "AdapterConfig", "AdapterLoadError", "OFTConfig", "orthogonal_regularization", "update_and_allocate", "AdapterSpec", "LoraConfig", "Param", "QpassError", "SiteShape",
-    "backend", "compile", "from_peft", "guard_filter", "prepare", "register", "report", "save_adapter",
+    "AdaLoraConfig", "AdapterConfig", "AdapterLoadError", "OFTConfig", "orthogonal_regularization", "update_and_allocate", "AdapterSpec", "LoraConfig", "LowRank", "Param", "QpassError", "SiteShape",
+    "backend", "compile", "from_peft", "guard_filter", "prepare", "register", "register_config", "report", "save_adapter",
     "active_adapters", "disable_adapters", "hotswap_adapter", "load_adapter", "merge", "save_quantized", "set_adapter", "unprepare",
 ]
 __version__ = "0.1.0"
@@ -59,7 +60,7 @@ def _install_hook() -> None:
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
-    if module is None:  # a submodule (`qpass.lowering`, `qpass.toy`, ...), as when `import qpass` imported them all
+    if module is None:  # a submodule (`qpass.lowering`, `qpass.testing`, ...), as when `import qpass` imported them all
         if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         # no hook here: qpass's own modules come through this path while they import each other

@@ -23,6 +23,10 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
+
+from .errors import QpassError
+from .log import Step, quiet_third_party, show_progress
 
 
 @contextlib.contextmanager
@@ -70,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(model_dir: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: torch and transformers load inside a progress Step
 
     return AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
 
@@ -79,8 +83,6 @@ def inspect(args) -> int:
     if not os.path.isdir(args.model_dir) or not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         print(f"error: {args.model_dir!r} is not a model directory (no config.json there)", file=sys.stderr)
         return 2
-    from .log import Step
-
     with _stdout_to_stderr():
         with Step("importing torch and qpass", "imported torch and qpass"):
             import torch
@@ -109,10 +111,6 @@ def demo_checkpoint(args) -> int:
     """gptqmodel's quantizer reports every layer, batch and file it handles (progress bars, tables, the saved
     config) on stdout: that goes to a temporary file, shown only if quantizing fails; qpass's progress lines
     say what is happening meanwhile."""
-    import tempfile
-
-    from .log import Step
-
     with tempfile.TemporaryFile("w+") as quantizer_log:
         try:
             with _stdout_to(quantizer_log):
@@ -120,7 +118,7 @@ def demo_checkpoint(args) -> int:
                     import gptqmodel  # noqa: F401
                     from transformers.utils import logging as hf_logging
 
-                    from .toy import write_demo_checkpoint
+                    from .testing import write_demo_checkpoint
 
                     hf_logging.disable_progress_bar()  # "Writing model shards" for one small file
                 with Step(f"quantizing a tiny Llama with gptqmodel ({args.method}, 4-bit, calibrated on 32 sentences) "
@@ -136,9 +134,6 @@ def demo_checkpoint(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)  # before any heavy import: --help and usage errors answer at once
-    from .errors import QpassError
-    from .log import quiet_third_party, show_progress
-
     quiet_third_party()
     show_progress()
     try:

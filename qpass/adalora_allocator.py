@@ -23,6 +23,7 @@ import torch
 
 from .config import AdaLoraConfig
 from .errors import QpassError
+from .state import state_of, unwrap
 
 _ALLOCATORS_ATTR = "_qpass_rank_allocators"
 _NAMES = ("lora_A", "lora_B", "lora_E")
@@ -136,8 +137,6 @@ def _slots(state, adapter_name) -> dict:
 
 def allocator(model, adapter_name=None) -> RankAllocator:
     """The model's rank allocator for its AdaLoRA adapter (created on first use, as PEFT creates it with the model)."""
-    from .prepare import state_of, unwrap
-
     state = state_of(model)
     name, cfg = _adalora_adapter(state, adapter_name)
     owner = unwrap(model)
@@ -170,8 +169,6 @@ def update_and_allocate(model, global_step: int, *, adapter_name=None):
 def orthogonal_regularization(model, *, adapter_name=None) -> torch.Tensor:
     """`orth_reg_weight` × mean over A and B matrices of ||A Aᵀ - I||_F and ||Bᵀ B - I||_F: the term PEFT's
     AdaLoraModel adds to `outputs.loss`. Add it to the loss before `backward()`."""
-    from .prepare import state_of
-
     state = state_of(model)
     name, cfg = _adalora_adapter(state, adapter_name)
     total, count = 0, 0

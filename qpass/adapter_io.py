@@ -22,6 +22,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
+import safetensors.torch  # called through the module: tests replace save_file there
 import torch
 
 from .config import AdapterConfig, from_dict
@@ -73,12 +75,9 @@ def read_weights(path) -> dict:
     st_file = directory / WEIGHTS_NAME
     bin_file = directory / LEGACY_WEIGHTS_NAME
     if st_file.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
-            raw = load_file(str(st_file))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raw = safetensors.torch.load_file(str(st_file))
+        except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterLoadError(f"{st_file} is corrupt or truncated ({exc}); re-save or re-download the adapter") from exc
     elif bin_file.is_file():
         try:
@@ -198,8 +197,6 @@ def write(path, cfg: AdapterConfig, tensors: dict, *, base_model_name_or_path=No
     left exactly as it was and nothing else is left behind. Files of an existing folder other than an
     adapter's own (adapter_config.json, adapter_model.safetensors, adapter_model.bin) — a README, a tokenizer —
     are kept."""
-    from safetensors.torch import save_file
-
     data = cfg.to_peft_dict()
     if module_names is not None and targeted is not None:
         data.update(peft_targets(cfg, module_names, targeted))
@@ -210,7 +207,7 @@ def write(path, cfg: AdapterConfig, tensors: dict, *, base_model_name_or_path=No
     with replacing_dir(path, what="adapter", files=f"{CONFIG_NAME} and {WEIGHTS_NAME}",
                        replaced=lambda name: name in ADAPTER_FILES) as directory:
         (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(directory / WEIGHTS_NAME))
+        safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME))
 
 
 # ---- all-or-nothing folders ---------------------------------------------------------------------------

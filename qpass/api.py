@@ -9,7 +9,8 @@ from . import adapter_io, transaction
 from .backend import QpassBackend
 from .errors import QpassError
 from .guards import guard_filter
-from .prepare import SLOTS_ATTR, prepare, state_of, unprepare, unwrap
+from .prepare import prepare, unprepare
+from .state import SLOTS_ATTR, state_of, unwrap
 
 
 def compile(model: nn.Module, adapter, *, adapter_name: str = "default", inner: str = "inductor", max_rank=None,

@@ -76,7 +76,7 @@ class AdapterConfig:
         _check_targets("target_modules", self.target_modules)
         _check_targets("exclude_modules", self.exclude_modules)
         if self.dtype_policy is not None:
-            from .policy import POLICIES
+            from .policy import POLICIES  # lazy: policy imports torch, config must not (qpass._NO_TORCH)
 
             if self.dtype_policy not in POLICIES:
                 raise QpassError(f"`dtype_policy` must be one of {sorted(POLICIES)}; got {self.dtype_policy!r}")
@@ -380,15 +380,11 @@ class OFTConfig(AdapterConfig):
             raise QpassError(f"oft_block_size={self.oft_block_size} does not divide in_features={in_features}")
         return in_features // self.oft_block_size, self.oft_block_size
 
-
-def _oft_peft_dict(self) -> dict:
-    out = AdapterConfig.to_peft_dict(self)
-    out.pop("rank_pattern", None)  # not OFT fields in PEFT
-    out.pop("alpha_pattern", None)
-    # PEFT warns on Cayley–Neumann adapters older than 0.18 (it changed the series then); qpass computes the
-    # >= 0.18 series, so the file says so.
-    out["peft_version"] = "0.18.0"
-    return out
-
-
-OFTConfig.to_peft_dict = _oft_peft_dict
+    def to_peft_dict(self) -> dict:
+        out = super().to_peft_dict()
+        out.pop("rank_pattern", None)  # not OFT fields in PEFT
+        out.pop("alpha_pattern", None)
+        # PEFT warns on Cayley–Neumann adapters older than 0.18 (it changed the series then); qpass computes the
+        # >= 0.18 series, so the file says so.
+        out["peft_version"] = "0.18.0"
+        return out

@@ -16,8 +16,9 @@ from torch import nn
 
 from . import adapter_io, transaction
 from .errors import QpassError
-from .prepare import _check_name, _check_weights, _install, plan_adapter, set_active, state_of, unwrap
+from .prepare import plan_adapter
 from .spec import spec_for
+from .state import check_name, check_weights, install, set_active, state_of, unwrap
 
 
 def load_adapter(model: nn.Module, adapter, adapter_name: str, *, is_trainable: bool = False) -> None:
@@ -25,7 +26,7 @@ def load_adapter(model: nn.Module, adapter, adapter_name: str, *, is_trainable: 
     `set_adapter` activates it. A failed load leaves the model as it was."""
     state = state_of(model)
     base = unwrap(model)
-    _check_name(adapter_name)
+    check_name(adapter_name)
     if adapter_name in state.configs:
         raise QpassError(f"an adapter named {adapter_name!r} is already loaded; pick another name or use hotswap_adapter")
     cfg, spec, candidates, slots = plan_adapter(base, adapter, state.adapter_dtype, state.max_rank)
@@ -33,7 +34,7 @@ def load_adapter(model: nn.Module, adapter, adapter_name: str, *, is_trainable: 
     if missing:
         raise QpassError(f"{missing[0]}: not a site of this prepared model")
     with transaction.changing(base, "load_adapter"):
-        _install(state, base, cfg, slots, adapter_name, activate=False)
+        install(state, base, cfg, slots, adapter_name, activate=False)
         if is_trainable:
             for slot in slots.values():
                 slot.requires_grad_(True)
@@ -111,7 +112,7 @@ def hotswap_adapter(model: nn.Module, adapter, adapter_name: str = "default") ->
                 )
         ranks[path] = rank
     skipped = {r.module: r.status for r in state.report.rows if r.status.startswith("skipped")}
-    plan = _check_weights(slots, weights, source, skipped, ranks)
+    plan = check_weights(slots, weights, source, skipped, ranks)
     written = [t for slot in slots.values() for t in slot.tensors()]
     # under the swap lock: a forward running in another thread sees A or B, never a mix
     with transaction.changing(unwrap(model), "hotswap_adapter", values=written), torch.no_grad():

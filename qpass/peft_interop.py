@@ -20,9 +20,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import adapter_io, quant
+from . import adapter_io, lifecycle, quant
 from .config import to_config
 from .errors import QpassError
+from .prepare import check_options, plan_adapter, prepare, unprepare
+from .quant import QuantInfo, Unsupported
+from .state import state_of
+from .targeting import discover
 
 
 def peft_layers(model: nn.Module) -> Optional[str]:
@@ -140,8 +144,6 @@ def _check_call(peft_model, prepare_kwargs: dict) -> None:
         import peft
     except ImportError as exc:  # pragma: no cover - peft is a test extra
         raise QpassError("qpass.from_peft needs the `peft` package (pip install peft)") from exc
-    from .prepare import check_options, prepare
-
     if isinstance(peft_model, torch._dynamo.eval_frame.OptimizedModule):
         raise QpassError("this PEFT model is wrapped by torch.compile; pass the original module "
                          "(peft_model._orig_mod) to qpass.from_peft, then compile the model it returns")
@@ -168,10 +170,6 @@ def _read_adapter(peft_model, name: str, tuners: dict, view: list, prepare_kwarg
     """PEFT adapter `name` as qpass will load it (config and weights), checked against the model as it will
     be without PEFT's layers (`view`, from `_base_view`): raises naming what qpass cannot serve."""
     from peft import get_peft_model_state_dict
-
-    from .prepare import plan_adapter
-    from .quant import QuantInfo, Unsupported
-    from .sites import discover
 
     model = peft_model.base_model.model
     source = f"PEFT adapter {name!r}"
@@ -205,9 +203,6 @@ def _read_adapter(peft_model, name: str, tuners: dict, view: list, prepare_kwarg
 
 
 def _attach(base, names, active, adapters, trainable, prepare_kwargs) -> None:
-    from .lifecycle import load_adapter, set_adapter
-    from .prepare import prepare, state_of, unprepare
-
     left = peft_layers(base)
     if left is not None:  # e.g. a tuner layer nested in another, or one PEFT holds outside its adapter layers
         raise QpassError(f"qpass.from_peft: after unloading PEFT's adapter layers, {left}")
@@ -216,9 +211,9 @@ def _attach(base, names, active, adapters, trainable, prepare_kwargs) -> None:
     try:
         for name in names:
             if name != first:
-                load_adapter(base, adapters[name], name)
+                lifecycle.load_adapter(base, adapters[name], name)  # via the module: a test interrupts it there
         if active != [first]:
-            set_adapter(base, active)
+            lifecycle.set_adapter(base, active)
         for site in state_of(base).sites.values():
             for name, slot in site.slots.items():
                 slot.requires_grad_(trainable[name])

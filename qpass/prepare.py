@@ -10,104 +10,31 @@ Adapter parameters are created here, before any tracing, as ordinary submodules 
 
 Everything that can be checked is checked before the model is touched; if anything still fails while
 attaching, every change is undone, so a failed prepare leaves the model exactly as it was.
+
+What qpass keeps on the prepared model (`QpassState`) and the steps of attaching an adapter that
+`qpass.lifecycle` shares (`check_name`, `check_weights`, `install`) are in `qpass.state`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from . import adapter_io, pool, resident, transaction
+from . import adapter_io, compile_hook, pool, resident, transaction
 from .config import AdapterConfig, to_config
-from .errors import AdapterLoadError, QpassError
-from .ops import POOLED, join_names
+from .errors import QpassError
+from .ops import join_names
 from .quant import QuantInfo, Unsupported, normal_storage
 from .report import Report, Row
 from .site import Site
-from .sites import discover
-from .spec import AdapterSlot, SiteShape, spec_for
-
-SLOTS_ATTR = "qpass_adapters"
-
-
-@dataclass
-class QpassState:
-    """What qpass keeps on a prepared model (as `model._qpass`)."""
-
-    sites: dict  # path -> Site (every recognised quantized layer)
-    configs: dict  # adapter name -> AdapterConfig
-    report: Report
-    requires_grad_before: dict = field(default_factory=dict)
-    graph_break_mark: int = 0
-    graph_keys: set = field(default_factory=set)  # (compile id, sites) of each graph counted in the report
-    max_rank: Optional[int] = None
-    adapter_dtype: torch.dtype = torch.float32
-    pool: Optional[str] = None  # the key of the adapter pool (qpass.pool) while the slots' tensors are its views
-    # the pool was turned off (a slot's tensors left it); rebuilt at the end of the next compile (qpass.compile_hook)
-    pool_stale: bool = False
-    pool_retired: Optional[str] = None  # the pool before the last rebuild, readable until the next one
-    lock: transaction.SwapLock = field(default_factory=transaction.SwapLock)  # forwards read, changes write
-
-    # Copying and pickling (copy.deepcopy, pickle, torch.save of the prepared model). A copy never shares a pool
-    # with the original (its slots' tensors are its own, qpass.spec.AdapterSlot): its pool is off and marked
-    # stale, so qpass.compile_hook builds the copy's own at its next compile (eager needs none). Locks are not
-    # copied: an attribute holding a threading primitive is dropped, and on load every field missing from the
-    # state gets its default (`_fill_defaults`: a fresh lock from the field's default_factory; also the new
-    # fields of an older pickle), so a lock must be a field with a default_factory.
-    def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCKS)}
-        state.update(pool=None, pool_retired=None, pool_stale=self.pool is not None or self.pool_stale)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        _fill_defaults(self)
-        # nn.Module's own copy drops `_compiled_call_impl`, where the swap lock's reading side sits; the model is
-        # still being restored here, and the module's __setstate__ only adds its keys, so this one stays
-        if self.report is not None:
-            transaction.install_lock(self.report._model_ref)
-
-
-_LOCKS = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Semaphore,
-          threading.Event, threading.Barrier)
-
-
-def _fill_defaults(obj) -> None:
-    """Set every dataclass field of `obj` missing from its `__dict__` to its default."""
-    for f in dataclasses.fields(obj):
-        if f.name in obj.__dict__:
-            continue
-        if f.default_factory is not dataclasses.MISSING:
-            obj.__dict__[f.name] = f.default_factory()
-        elif f.default is not dataclasses.MISSING:
-            obj.__dict__[f.name] = f.default
-        else:
-            raise TypeError(f"{type(obj).__name__}.{f.name}: not in the pickled state and without a default")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind a torch.compile wrapper."""
-    return getattr(model, "_orig_mod", model)
-
-
-def state_of(model: nn.Module) -> QpassState:
-    state = getattr(unwrap(model), "_qpass", None)
-    if state is None:
-        from .peft_interop import peft_layers
-
-        found = peft_layers(unwrap(model))
-        if found is not None:
-            raise QpassError(f"{found}, not a model prepared by qpass; call qpass.from_peft(peft_model) to take "
-                             "PEFT's adapters over (it returns the prepared base model)")
-        raise QpassError(f"{type(unwrap(model)).__name__} is not prepared by qpass; call qpass.prepare(model, config) first")
-    return state
+from .slot import AdapterSlot
+from .spec import SiteShape, spec_for
+from .state import SLOTS_ATTR, QpassState, check_name, check_weights, install, state_of, unwrap
+from .targeting import discover, selection_error
 
 
 def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +61,7 @@ def _site_forward(self, x: torch.Tensor) -> torch.Tensor:
         if found is not None:
             xa = site.adapter_inputs(x, names, self.training, found.data.dtype)
             return torch.ops.qpass.site(x, xa, site.base_tensors(), [found.data, found.scalings], site.key,
-                                        POOLED + join_names(names))
+                                        join_names(names), True)
         xa = site.adapter_inputs(x, names, self.training, None)
         adapter = [t for n in names for t in slots[n].tensors()]
         return torch.ops.qpass.site(x, xa, site.base_tensors(), adapter, site.key, join_names(names))
@@ -190,55 +117,8 @@ def _build_slots(targeted, cfg: AdapterConfig, spec, adapter_dtype, max_rank=Non
     return slots
 
 
-def _check_weights(slots: dict, weights: dict, source: str, skipped: dict, ranks: Optional[dict] = None) -> list:
-    """Validate an adapter file against the slots; returns [(slot, name, tensor)] to load. `ranks` maps
-    path -> the file adapter's rank when it differs from the slot's (hot-swap)."""
-    expected = {f"{path}.{name}": (path, slot, name) for path, slot in slots.items() for name in slot.param_names}
-    unknown = sorted(set(weights) - set(expected))
-    if unknown:
-        on_skipped = sorted({k.rsplit(".", 2)[0] for k in unknown} & set(skipped))
-        if on_skipped:
-            raise AdapterLoadError(
-                f"{source}: the adapter has weights for {on_skipped[:3]}, which qpass cannot serve "
-                f"({skipped[on_skipped[0]]}); loading without them would silently change the model"
-            )
-        # a targeted layer's tensor of another name: the file does not match its config, not another base model
-        on_targeted = [(k, max((p for p in slots if k.startswith(p + ".")), key=len)) for k in unknown
-                       if any(k.startswith(p + ".") for p in slots)]
-        if on_targeted:
-            key, path = on_targeted[0]
-            slot, extra = slots[path], key[len(path) + 1:]
-            if extra == "lora_B.bias" and getattr(slot.cfg, "lora_bias", None) is False:
-                why = "it was saved with lora_bias=True (a bias on lora_B) while its config says lora_bias=false"
-            else:
-                why = "it was saved with other options than its config says (e.g. lora_bias=True) or by another adapter kind"
-            raise AdapterLoadError(
-                f"{source}: layer {path} is targeted, but the tensor {extra!r} there is not one a {slot.spec.name!r} "
-                f"adapter with this config has: that layer's tensors are {slot.param_names} ({len(on_targeted)} such "
-                f"tensor(s), e.g. {[k for k, _ in on_targeted[:3]]}); {why}. Fix adapter_config.json to match how the "
-                "adapter was trained, or re-save it"
-            )
-        raise AdapterLoadError(
-            f"{source}: {len(unknown)} tensor(s) belong to no targeted layer of this model, e.g. {unknown[:3]}; "
-            "was the adapter trained for another base model?"
-        )
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise AdapterLoadError(f"{source}: missing tensor(s) {missing[:3]} ({len(missing)} in all); the adapter file is incomplete")
-    plan = []
-    for key, (path, slot, name) in expected.items():
-        have = tuple(weights[key].shape)
-        want = slot.expected_shape(name, None if ranks is None else ranks.get(path))
-        if have != want:
-            raise AdapterLoadError(
-                f"{source}: {key} has shape {have}, this model needs {want}; the adapter was trained for another base model or rank"
-            )
-        plan.append((slot, name, weights[key]))
-    return plan
-
-
 def _load_into(slots: dict, weights: dict, source: str, skipped: dict) -> None:
-    for slot, name, tensor in _check_weights(slots, weights, source, skipped):
+    for slot, name, tensor in check_weights(slots, weights, source, skipped):
         slot.load(name, tensor)
 
 
@@ -283,8 +163,6 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
     if getattr(model, "_qpass", None) is not None:
         raise QpassError("this model is already prepared by qpass; use qpass.load_adapter(model, path, name) to add an adapter")
     check_options(adapter_name, max_rank, base_layout)
-    from . import compile_hook
-
     compile_hook.install()  # idempotent: every torch.compile of a prepared model must find the pass in place
     cfg, spec, candidates, slots = plan_adapter(model, adapter, adapter_dtype, max_rank)
 
@@ -302,7 +180,7 @@ def prepare(model: nn.Module, adapter, *, adapter_name: str = "default", adapter
         for row in state.report.rows:
             if row.module in layouts:
                 row.base = layouts[row.module]
-        _install(state, model, cfg, slots, adapter_name)
+        install(state, model, cfg, slots, adapter_name)
         model._qpass = state
         transaction.install_lock(model)
     return model
@@ -330,14 +208,14 @@ def _convert_layouts(sites: dict, base_layout: str) -> dict:
 
 def check_options(adapter_name, max_rank, base_layout) -> None:
     """`prepare`'s own arguments (the adapter aside)."""
-    _check_name(adapter_name)
+    check_name(adapter_name)
     resident.check_layout(base_layout)
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
         raise QpassError(f"max_rank must be a positive integer or None; got {max_rank!r}")
 
 
 def _refuse_peft(model: nn.Module) -> None:
-    from .peft_interop import peft_layers
+    from .peft_interop import peft_layers  # cycle: peft_interop imports this module (from_peft)
 
     found = peft_layers(model)
     if found is not None:
@@ -350,9 +228,7 @@ def _refuse_peft(model: nn.Module) -> None:
 
 def plan_adapter(model: nn.Module, adapter, adapter_dtype, max_rank, *, modules=None):
     """Everything that can fail, before the model is touched: config, spec, targets, slots, weights.
-    `modules`: see `sites.discover`."""
-    from .sites import selection_error
-
+    `modules`: see `targeting.discover`."""
     cfg, weights, source = _resolve(adapter)
     if isinstance(adapter, adapter_io.InMemoryAdapter):  # a folder's weights were checked as they were read
         adapter_io.check_finite(weights, source)
@@ -366,11 +242,6 @@ def plan_adapter(model: nn.Module, adapter, adapter_dtype, max_rank, *, modules=
         skipped = {c.path: c.info.reason for c in candidates if isinstance(c.info, Unsupported)}
         _load_into(slots, weights, source, skipped)
     return cfg, spec, candidates, slots
-
-
-def _check_name(adapter_name) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise QpassError(f"adapter_name must be a Python identifier; got {adapter_name!r}")
 
 
 def _bound(func, module: nn.Module):
@@ -395,38 +266,6 @@ def _make_site(c) -> Site:
         # (which repack buffers, swap zero-point formats, or refuse train mode) must not change it under us.
         module.train = _bound(nn.Module.train, module)
     return site
-
-
-def _install(state: QpassState, model: nn.Module, cfg, slots: dict, adapter_name: str, *, activate: bool = True,
-             trainable: bool = True) -> None:
-    """Put the built slots on their sites; if `activate`, make this the only active adapter and (if
-    `trainable`) the only trainable parameters, as PEFT does."""
-    for path, slot in slots.items():
-        state.sites[path].slots[adapter_name] = slot
-        state.sites[path].refresh_trace_key()
-    state.configs[adapter_name] = cfg
-    for row in state.report.rows:
-        slot = slots.get(row.module)
-        if slot is not None:
-            row.add_adapter(adapter_name, slot)
-    pool.build(state)  # every LoRA tensor of the model, the new ones too, as views of one pool
-    if activate:
-        adapter_params = {id(p) for site in state.sites.values() for p in site.slots.parameters()}
-        for p in model.parameters():  # PEFT's semantics: the base is frozen
-            if id(p) not in adapter_params:
-                p.requires_grad_(False)
-        set_active(state, (adapter_name,), trainable=trainable)
-    else:
-        for slot in slots.values():
-            slot.requires_grad_(False)
-
-
-def set_active(state: QpassState, names: tuple, *, trainable: bool = True) -> None:
-    """Make `names` the active adapters of every site that has them; only their parameters train."""
-    for site in state.sites.values():
-        site.active = tuple(n for n in names if n in site.slots)
-        for name, slot in site.slots.items():
-            slot.requires_grad_(trainable and name in site.active)
 
 
 def unprepare(model: nn.Module) -> nn.Module:

@@ -82,7 +82,7 @@ def gptq_model_peft_dispatches(dtype=torch.float32):
     GPTQConfig and the layers are the class gptqmodel selects for training on CPU (`TorchAtenLinear`), pinned to
     its dequantize+matmul path. Same packed weights as `make_model` (its TorchLinear): identical base outputs."""
     from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
-    from qpass.toy import build_llama, quantize_gptq
+    from qpass.testing import build_llama, quantize_gptq
 
     model = quantize_gptq(build_llama(dtype=dtype), cls=TorchAtenLinear)
     for module in model.modules():

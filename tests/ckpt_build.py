@@ -2,7 +2,7 @@
 
     python tests/ckpt_build.py gptq|awq OUT_DIR      # the same as: python -m qpass demo-checkpoint OUT_DIR --method ...
 
-The checkpoint is `qpass.toy.write_demo_checkpoint`'s. `session_checkpoints` builds them through the README's
+The checkpoint is `qpass.testing.write_demo_checkpoint`'s. `session_checkpoints` builds them through the README's
 command (`python -m qpass demo-checkpoint`), each in a process of its own: gptqmodel's quantizer sets
 process-global state (thread pools, inductor options) that must not leak into the tests.
 """
@@ -34,6 +34,6 @@ def session_checkpoints(tmp_path_factory, methods=("gptq", "awq")) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from qpass.toy import write_demo_checkpoint
+    from qpass.testing import write_demo_checkpoint
 
     write_demo_checkpoint(sys.argv[2], sys.argv[1])

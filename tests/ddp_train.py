@@ -24,7 +24,7 @@ def batch(step):
 
 def train(rank, world, out, mode):
     import qpass
-    from qpass.toy import tiny_gptq_llama
+    from qpass.testing import tiny_gptq_llama
 
     torch.set_num_threads(1)
     if world > 1:

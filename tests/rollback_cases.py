@@ -184,7 +184,7 @@ def test_merge(dirs):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "qpass.compile"])
 def test_forwards_running_during_hotswaps_see_one_adapter_or_the_other(tmp_path, compiled):
-    """A forward in another thread sees adapter A or adapter B whole, never a mix (README: threads)."""
+    """A forward in another thread sees adapter A or adapter B whole, never a mix (README: Limits, Threads)."""
     a, b = _lora_dir(tmp_path / "a", 1), _lora_dir(tmp_path / "b", 2)
     model = make_model()
     model = qpass.compile(model, a, inner="aot_eager") if compiled else qpass.prepare(model, a)

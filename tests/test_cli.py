@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_help_answers_before_torch_is_imported():
-    """`python -m qpass --help` parses arguments before importing torch (README: under 2 s)."""
+    """`python -m qpass --help` parses arguments before importing torch (docs/design.md: Output)."""
     code = ("import sys, time\nt = time.perf_counter()\nfrom qpass.__main__ import main\ntry:\n    main(['--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules, time.perf_counter() - t)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -5,7 +5,7 @@ import torch
 
 import qpass
 from qpass.ops import is_site_node
-from qpass.toy import build_llama
+from qpass.testing import build_llama
 
 from conftest import input_ids, make_model, randomize_adapters
 

@@ -110,7 +110,7 @@ def test_target_modules_matching_only_plain_layers(model):
 
 
 def test_model_without_quantized_layers():
-    from qpass.toy import build_llama
+    from qpass.testing import build_llama
 
     dense = build_llama()
     expect_error(dense, qpass.LoraConfig(target_modules="all-linear"), QpassError, r"no quantized linear layer qpass recognises")
@@ -210,7 +210,7 @@ def test_failure_while_installing_is_rolled_back(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("injected failure while installing")
 
-    monkeypatch.setattr(prep, "_install", boom)
+    monkeypatch.setattr(prep, "install", boom)
     with pytest.raises(RuntimeError, match="injected"):
         qpass.prepare(model, qpass.LoraConfig(target_modules="all-linear"))
     assert_unchanged(model, before)

@@ -14,7 +14,7 @@ import torch
 import qpass
 from qpass import guards
 from qpass.site import Site
-from qpass.spec import AdapterSlot
+from qpass.slot import AdapterSlot
 
 from conftest import input_ids, make_model, randomize_adapters
 

@@ -216,7 +216,7 @@ def _tiny_peft_adalora():
     import transformers
     from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
 
-    from qpass.toy import build_llama, quantize_gptq
+    from qpass.testing import build_llama, quantize_gptq
 
     model = quantize_gptq(build_llama(num_hidden_layers=1), cls=TorchAtenLinear)
     for module in model.modules():
@@ -384,7 +384,7 @@ def test_hotswapped_dropout_in_a_training_mode_step_without_gradients(dropout_di
     assert _max_err(got, want) <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="qpass bug: AdapterSlot.trace_key includes dropout_p (qpass/spec.py "
+@pytest.mark.xfail(strict=True, reason="qpass bug: AdapterSlot.trace_key includes dropout_p (qpass/slot.py "
                    "refresh_trace_key), and _site_forward reads the key in every trace, so an eval graph is "
                    "guarded on dropout_p although it never reads it: hot-swapping to an adapter with another "
                    "lora_dropout recompiles every eval graph (README: hotswap_adapter, zero recompiles)")

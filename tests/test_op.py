@@ -7,7 +7,7 @@ import qpass
 from qpass.ops import join_names
 
 from conftest import randomize_adapters
-from qpass.toy import gptq_linear_from
+from qpass.testing import gptq_linear_from
 
 
 def _prepared_layer(dtype, lora_bias=False):

@@ -21,7 +21,7 @@ import qpass
 
 from adapter_parity import ALL, eager_dequant
 from conftest import LOGIT_TOL, adapter_grads, input_ids, randomize_adapters
-from qpass.toy import tiny_gptq_llama
+from qpass.testing import tiny_gptq_llama
 
 CFG = dict(r=4, lora_alpha=8, target_modules=ALL)
 TOL = LOGIT_TOL[torch.float32]

@@ -43,7 +43,7 @@ def built(lib="gptq", dtype=F32):
         else:
             from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 
-            from qpass.toy import tiny_awq_llama
+            from qpass.testing import tiny_awq_llama
 
             _BASES[lib, dtype] = eager_dequant(tiny_awq_llama(dtype=dtype, cls=AwqTorchLinear))
     return _BASES[lib, dtype]

@@ -1,4 +1,5 @@
-"""Discovery: which modules of a model are candidate sites, which of them the config targets, and why not.
+"""Discovery and targeting: which modules of a model are candidate sites, which of them the config targets,
+and why not.
 
 PEFT's `target_modules` semantics: a list matches a module whose name equals an entry or ends with
 "." + entry; a string is a regex that must match the whole name; "all-linear" means every quantized

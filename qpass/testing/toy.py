@@ -3,14 +3,21 @@
 `build_llama` makes a tiny Llama from a transformers config; `quantize_gptq` replaces its decoder
 projections with real gptqmodel layers whose packed weights come from a round-to-nearest (RTN)
 quantisation of the original weights, packed by gptqmodel's own `pack_block`.
+
+The quantization libraries and transformers are imported by the functions that use them: AutoAWQ is optional,
+and gptqmodel reads its environment (GPTQMODEL_CPU_WORKERS, set by `write_demo_checkpoint`) when imported.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import torch
 from torch import nn
 
-from .quant import normal_storage
+from ..log import import_autoawq_quietly
+from ..quant import normal_storage
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -184,8 +191,6 @@ def awq_linear_from(linear: nn.Linear, *, bits: int = 4, group_size: int = 32, c
         if linear.bias is not None:
             cpu_linear.bias.copy_(linear.bias.float())
     if cls is None:
-        from .log import import_autoawq_quietly
-
         import_autoawq_quietly()  # without its import-time farewell notice (see there)
         from awq.modules.linear.gemm import WQLinear_GEMM
 
@@ -255,9 +260,6 @@ def write_demo_checkpoint(out, method: str = "gptq") -> None:
     its own (`python -m qpass demo-checkpoint OUT_DIR`, or tests/ckpt_build.py), not inside one that trains.
     gptqmodel 7.7 asks for 2 CPU workers, which a 2-core machine only has with GPTQMODEL_CPU_WORKERS=2 (set here
     unless set already)."""
-    import os
-    import tempfile
-
     if method not in ("gptq", "awq"):
         raise ValueError(f"unknown method {method!r}; use gptq or awq")
     # `ValueError: Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1` otherwise
