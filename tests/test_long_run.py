@@ -1,4 +1,4 @@
-"""Reliability over time and threads: 1000 compiled training steps (no recompile, flat memory, loss down),
+"""Reliability over time and threads: 400 compiled training steps (no recompile, flat memory, loss down),
 and one compiled model serving 4 threads at once with the same outputs as sequential calls."""
 
 import threading
@@ -12,8 +12,12 @@ import qpass
 from conftest import input_ids, make_model, randomize_adapters
 
 
+# 400 steps: memory that grows per step shows well before then (resident memory compared at steps 100 and 399)
+STEPS = 400
+
+
 @pytest.mark.slow
-def test_1000_training_steps_no_recompile_flat_memory():
+def test_400_training_steps_no_recompile_flat_memory():
     torch.manual_seed(0)
     model = make_model()
     compiled = qpass.compile(model, qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.05))
@@ -23,19 +27,19 @@ def test_1000_training_steps_no_recompile_flat_memory():
     labels = ids  # memorise a fixed batch (the model shifts labels itself)
     proc = psutil.Process()
     losses, rss = [], {}
-    for step in range(1000):
+    for step in range(STEPS):
         loss = compiled(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step in (100, 999):
+        if step in (100, STEPS - 1):
             rss[step] = proc.memory_info().rss
     stats = qpass.report(compiled).stats
     assert stats.recompiles == 0 and stats.graphs == 1, (stats.recompiles, stats.graphs)
-    growth = rss[999] / rss[100] - 1
-    assert growth < 0.05, f"resident memory grew {growth:.1%} between step 100 and 1000"
-    first, middle, last = (sum(losses[a:a + 20]) / 20 for a in (0, 490, 980))
+    growth = rss[STEPS - 1] / rss[100] - 1
+    assert growth < 0.05, f"resident memory grew {growth:.1%} between step 100 and {STEPS}"
+    first, middle, last = (sum(losses[a:a + 20]) / 20 for a in (0, STEPS // 2 - 10, STEPS - 20))
     assert last < middle < first and last < 0.9 * first, (first, middle, last)
 
 

@@ -52,8 +52,10 @@ def _close(a, b, dtype):
     return err
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# Every variant and every dtype once (a compile each costs ~30 s of CI; each variant's math is the same code
+# in every dtype, and the dtype policies are checked per dtype on random layers in tests/test_fuzz.py).
+@pytest.mark.parametrize("variant,dtype", [("lora", torch.float32), ("rslora", torch.float16),
+                                           ("lora_bias", torch.bfloat16)], ids=str)
 def test_logits_match_peft(adapter_dirs, dtype, variant):
     ids = input_ids()
     reference = peft.PeftModel.from_pretrained(make_model(dtype), str(adapter_dirs[variant]))
@@ -73,8 +75,10 @@ def test_logits_match_peft(adapter_dirs, dtype, variant):
     assert qpass.report(compiled).summary()["sites_rewritten"] == 14
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_one_optimizer_step_matches_peft(adapter_dirs, dtype):
+def test_one_optimizer_step_matches_peft(adapter_dirs):
+    """float32; bf16 training is compared with eager qpass (PEFT's numerics, the logits above) through every
+    compiled lowering in tests/test_kernels.py."""
+    dtype = torch.float32
     ids, labels = input_ids(seed=1), input_ids(seed=2)
     path = str(adapter_dirs["lora_bias"])
     ref = sgd_updates(peft.PeftModel.from_pretrained(make_model(dtype), path, is_trainable=True), ids, labels)
@@ -82,15 +86,7 @@ def test_one_optimizer_step_matches_peft(adapter_dirs, dtype):
     ours = sgd_updates(torch.compile(model, backend=qpass.backend("inductor")), ids, labels)
     assert set(ours) == set(ref) and len(ref) == 14 * 3
     assert all(u.norm() > 0 for u in ref.values()), "every adapter tensor must move"
-    if dtype == torch.float32:
-        assert max_rel(ours, ref) < 1e-3
-    else:
-        # bf16 gradients of this random model are ~5% away from fp32 ones for PEFT itself; qpass (fused by
-        # inductor, other rounding points) must be as close to the fp32 step as PEFT is, and close to PEFT.
-        exact = sgd_updates(peft.PeftModel.from_pretrained(make_model(torch.float32), path, is_trainable=True), ids, labels)
-        peft_err, our_err = max_rel(ref, exact), max_rel(ours, exact)
-        assert our_err < 1.5 * peft_err + 0.01, f"qpass bf16 step error {our_err:.3f} vs PEFT's {peft_err:.3f}"
-        assert max_rel(ours, ref) < 0.1
+    assert max_rel(ours, ref) < 1e-3
 
 
 # What qpass saves, PEFT loads (its config and logits) and qpass loads back bit for bit: one adapter per kind of

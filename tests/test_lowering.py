@@ -132,7 +132,8 @@ def test_adapter_linear_reduce_form_equals_linear(dtype, bias):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("gemv_lora,seq,adapter_mms", [(True, 1, 0), (True, 3, 0), (False, 1, 0), (False, 3, 8 + 14)])
+# (gemv with LoRA at several rows is the kernel's own test, tests/test_kernels.py::test_gemv_adds_each_sites_lora)
+@pytest.mark.parametrize("gemv_lora,seq,adapter_mms", [(True, 1, 0), (False, 1, 0), (False, 3, 8 + 14)])
 def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(gemv_lora, seq, adapter_mms, monkeypatch):
     """No gradient, <= 16 tokens: the 14 fp32 bases run qpass's gemv kernel and their LoRA runs inside it
     (lowering.GEMV_LORA), so the forward graph's one GEMM is lm_head. Without that: at one token every LoRA
@@ -169,8 +170,8 @@ def _op_counting_backend(counts: list, op):
     return aot_autograd(fw_compiler=fw)
 
 
-@pytest.mark.parametrize("dtype,seq,op", [(torch.float32, 1, "gptq4_gemv"), (torch.bfloat16, 1, "gptq4_gemv"),
-                                          (torch.bfloat16, 24, "gptq4_mm")])
+# each kernel once (the sibling call is the same code in every activation dtype)
+@pytest.mark.parametrize("dtype,seq,op", [(torch.float32, 1, "gptq4_gemv"), (torch.bfloat16, 24, "gptq4_mm")])
 def test_disabled_adapters_still_fuse_sibling_bases(dtype, seq, op):
     """With every adapter disabled, q/k/v and gate/up still run as one C++ kernel call each (4 calls per layer,
     not 7). The logits equal the unfused compiled model's bit for bit (siblings in one call compute exactly

@@ -109,7 +109,8 @@ def test_moving_the_adapters_turns_the_pool_off_then_rebuilds_it(monkeypatch):
     assert calls and torch.equal(again, out)
 
 
-@pytest.mark.parametrize("how", ["setattr", "load_state_dict(assign=True)", "p.data = t, then a compile"])
+# (load_state_dict(assign=True) registers the new Parameter through the same module setattr as the first case)
+@pytest.mark.parametrize("how", ["setattr", "p.data = t, then a compile"])
 def test_a_tensor_put_in_place_of_a_pooled_one_is_what_the_compiled_step_reads(how):
     model = _model()
     compiled = torch.compile(model, backend=qpass.backend())

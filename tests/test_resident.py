@@ -38,7 +38,8 @@ def _pair(kind):
     return ref, model, original
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+# asymmetric act-order GPTQ and AWQ: symmetric GPTQ is the same unpack with one zero code (unprepare below has it)
+@pytest.mark.parametrize("kind", ["gptq-asym-act-order", "awq-autoawq"])
 def test_int4pack_layout_computes_the_library_layout_and_holds_weights_once(kind):
     ref, model, original = _pair(kind)
     sites = list(model._qpass.sites.values())
