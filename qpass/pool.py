@@ -2,8 +2,8 @@
 
 A compiled decode step pays per graph input, outside the kernels: dynamo fetches each tensor from the module
 tree and checks its guards, AOTAutograd and inductor's wrapper check it again, and each kernel call parses
-it. The benchmark model's 28 LoRA sites hold 84 tensors (A, B, scaling): measured on the Zen 2 VM, LoRA cost
-0.17 ms of a 5.3 ms decode step outside the graph, 0.06 ms with them pooled (the whole step 5.34 -> 5.23 ms).
+it. The benchmark model's 28 LoRA sites hold 84 tensors (A, B, scaling); what pooling them saves per decode step
+is measured in benchmarks/README.md, "The adapter pool".
 
 So `build` puts the A and B of every LoRA slot of a model in one 1-D tensor (`Pool.data`: float32 or
 bfloat16, the adapters' dtype) and every scaling in one float32 tensor (`Pool.scalings`), and makes the

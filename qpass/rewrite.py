@@ -26,11 +26,9 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
     `lowering` picks the base computation ("auto" chooses per site); each site records what it got in
     `site.lowerings_used`. With `fuse_siblings`, sites that read the same input are lowered together."""
     nodes = [n for n in gm.graph.nodes if is_site_node(n)]
-    chosen = {}
-    for node in nodes:
-        a = SiteArgs.of(node)
-        chosen[node] = _lowering.choose(_site.get(a.site_key), splice.example(a.x), needs_grad, lowering)
-    keys = {node: SiteArgs.of(node).site_key for node in nodes}
+    args = [SiteArgs.of(n) for n in nodes]  # read before the passes replace the nodes
+    sites = [_site.get(a.site_key) for a in args]
+    chosen = {n: _lowering.choose(s, splice.example(a.x), needs_grad, lowering) for n, a, s in zip(nodes, args, sites)}
     pool.unpool_pass(gm, nodes, chosen, needs_grad, fuse_siblings)
     fused = set(fusion.fuse(gm, nodes, chosen, needs_grad)) if fuse_siblings else set()
     for node in nodes:
@@ -39,7 +37,7 @@ def rewrite(gm: torch.fx.GraphModule, *, lowering: str = "auto", needs_grad: boo
     if nodes:
         gm.graph.lint()
         gm.recompile()
-    return [_site.get(keys[node]) for node in nodes]
+    return sites
 
 
 def _lower_site(gm, node, chosen: str, needs_grad: bool) -> None:

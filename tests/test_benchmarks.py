@@ -1,6 +1,6 @@
 """Keeps the benchmark harness working: `benchmarks/run.py --quick` end to end (tiny sizes, one repeat, the
 decode and training workloads of qpass and PEFT: the other configurations and prefill reuse the same code
-paths, and cost CI minutes). Asserts the JSON's structure, the PNG, zero graph breaks in the qpass graphs and
+paths). Asserts the JSON's structure, the PNG, zero graph breaks in the qpass graphs and
 the base lowering column; never time."""
 
 import json
