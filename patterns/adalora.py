@@ -10,7 +10,7 @@ A rank pattern in the config (PEFT's saved form) sizes each site at sum(mask) ra
 import torch
 
 from qpass.config import AdaLoraConfig
-from qpass.spec import AdapterSpec, Param, register
+from qpass.spec import AdapterSpec, LowRank, Param, register
 
 
 def site_rank(path, cfg):
@@ -39,6 +39,12 @@ def compute(x, p):
     return (x @ (p["lora_A"] * p["lora_E"]).T @ p["lora_B"].T) * p["scaling"] / (p["ranknum"] + 1e-5)
 
 
+def delta_scale(p):
+    """The delta's one factor, as the fused forms apply it (`compute` divides the delta by ranknum + 1e-5
+    after the product: the same value up to float32 rounding)."""
+    return p["scaling"] / (p["ranknum"] + 1e-5)
+
+
 def export(slot, cfg):
     """PEFT's `resize_state_dict_by_rank_pattern`: keep only the ranks the allocator kept."""
     out = {n: slot.get(n) for n in slot.param_names}
@@ -62,5 +68,9 @@ SPEC = register(
         rank=lambda cfg: cfg.init_r,
         export=export,
         description="AdaLoRA (SVD-form, adaptive rank)",
+        # A * E is the down-projection, read in the graph each call (rank allocation masks lora_E in place):
+        # sibling fusion and the kernels that take the adapter into the call; not the adapter pool (E and
+        # ranknum are not in it)
+        low_rank=LowRank(a="lora_A", b="lora_B", scaling=delta_scale, bias=None, rank_scale="lora_E"),
     )
 )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from qpass.config import LoraConfig
 from qpass.errors import QpassError
-from qpass.spec import AdapterSpec, Param, register
+from qpass.spec import AdapterSpec, LowRank, Param, register
 
 from .lora import init_A, init_B, scaling
 
@@ -28,10 +28,16 @@ def params(site, cfg):
     return p
 
 
+def pool_groups(x, a):
+    """What lora_A reads: x averaged over contiguous groups of in_features // a.shape[1] features, times the
+    number of groups (PEFT's order of operations)."""
+    groups = a.shape[1]
+    return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups).mean(dim=-1) * groups
+
+
 def compute(x, p):
-    groups = p["lora_A.weight"].shape[1]
-    pooled = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups).mean(dim=-1) * groups
-    return F.linear(F.linear(pooled, p["lora_A.weight"]), p["lora_B.weight"], p.get("lora_B.bias")) * p["scaling"]
+    a = p["lora_A.weight"]
+    return F.linear(F.linear(pool_groups(x, a), a), p["lora_B.weight"], p.get("lora_B.bias")) * p["scaling"]
 
 
 def _divisors_near(n, g):
@@ -63,5 +69,9 @@ SPEC = register(
         dropout=lambda cfg: cfg.lora_dropout,
         check=check,
         description="QA-LoRA (group-pooled LoRA)",
+        # LoRA on pool_groups(x): sibling fusion and the fold into dequant-cpu's GEMM (t computed in the graph);
+        # not the kernels that compute x A^T themselves, nor the adapter pool (A is narrower than x)
+        low_rank=LowRank(a="lora_A.weight", b="lora_B.weight", scaling="scaling", bias="lora_B.bias",
+                         down_input=pool_groups),
     )
 )

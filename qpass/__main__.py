@@ -5,7 +5,7 @@
                                       [--compile [--inner inductor|aot_eager|eager]] [--json]
 
 `demo-checkpoint` writes a small real checkpoint: a tiny Llama quantized by gptqmodel itself (GPTQ or AWQ),
-config.json with its `quantization_config`, weights and tokenizer (offline, ~40 s on 2 cores).
+config.json with its `quantization_config`, weights and tokenizer (offline).
 
 `inspect` loads a local checkpoint (`transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR)`, on CPU, no
 download), prepares it with the adapter directory given, or else a LoRA on every quantized linear layer (or

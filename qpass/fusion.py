@@ -4,8 +4,9 @@ Contract. Input: a graph whose `qpass::site` nodes each have a chosen lowering. 
 is replaced by ONE `call_function` node of `qpass.lowering.lowered_group` and a `getitem` per former node;
 the other site nodes are left for the per-site pass. A group is either
 - sites with the same input x, one active adapter each of a spec that declares `low_rank` (same names,
-  dtype policy and adapter dtype), equal adapter inputs, the same lowering and layout: one down-projection for
-  all of them, and their bases in one kernel call where the lowering can (q/k/v; gate/up); or
+  dtype policy and adapter dtype), equal adapter inputs, the same lowering, layout and down-projection input
+  width: one down-projection for all of them, and their bases in one kernel call where the lowering can
+  (q/k/v; gate/up); or
 - two or more sites with no active adapter (disabled, untargeted) on the same input and a lowering that
   computes sibling bases in one call.
 Only nodes whose inputs all exist before the first of them are grouped (the fused node stands there).
@@ -76,8 +77,10 @@ def _key(node, chosen: dict):
     if key_xa is None:
         return None
     slot = site.slots[a.names[0]]
+    # the down-projection's input width too: a declared `down_input` (QA-LoRA's pooling) may make it differ
+    down_width = slot.get(slot.spec.low_rank.a).shape[-1]
     return ("low_rank", a.x, a.names, key_xa, site.policy(slot), slot.dtype, chosen[node], site.info.in_features,
-            site.info.layout.name)
+            down_width, site.info.layout.name)
 
 
 def groups(gm, nodes: list, chosen: dict) -> list:

@@ -2,8 +2,8 @@
 
 Tracing a prepared layer reads qpass objects (the site's active adapters, its quantization info, each
 adapter slot's spec, config and module structure). Dynamo guards every one of them, and evaluates those
-guards on every call of the compiled model: on the benchmark model (28 sites) that is ~2,000 guards and
-~0.6 ms of a 6 ms decode step.
+guards on every call of the compiled model: dozens of guards per site, before every decode step (what they
+cost: benchmarks/README.md, "Kernel tuning figures").
 
 qpass knows exactly when that state changes, because only qpass changes it. So each `Site` and each
 `AdapterSlot` keeps a `trace_key` string that summarises everything of it the trace reads, refreshed on

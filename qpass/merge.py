@@ -166,8 +166,8 @@ def save_quantized(model: nn.Module, path, **save_pretrained_kwargs) -> None:
     GPTQ zero points in the on-disk "v1" form (zero − 1) that `from_pretrained` expects.
 
     transformers 5.23 + gptqmodel 7.7 save the in-memory "v2" zero points as they are, so a plain
-    save_pretrained → from_pretrained round trip of a GPTQ checkpoint shifts every zero point by one (measured:
-    max |Δlogit| 1.02 on the tiny test checkpoint, with no qpass involved). This converts, saves, and restores.
+    save_pretrained → from_pretrained round trip of a GPTQ checkpoint shifts every zero point by one, with no
+    qpass involved (the logits change visibly). This converts, saves, and restores.
 
     All or nothing (`adapter_io.replacing_dir`): the checkpoint is written into a temporary folder beside
     `path` and renamed into place, so if saving fails (a full disk, Ctrl-C) a checkpoint already at `path` is

@@ -2,16 +2,20 @@
 
 A compiled decode step pays per graph input, outside the kernels: dynamo fetches each tensor from the module
 tree and checks its guards, AOTAutograd and inductor's wrapper check it again, and each kernel call parses
-it. The benchmark model's 28 LoRA sites hold 84 tensors (A, B, scaling); what pooling them saves per decode step
-is measured in benchmarks/README.md, "The adapter pool".
+it, and every LoRA site holds three (A, B, scaling); what pooling them saves per decode step is in
+benchmarks/README.md, "The adapter pool".
 
 So `build` puts the A and B of every LoRA slot of a model in one 1-D tensor (`Pool.data`: float32 or
 bfloat16, the adapters' dtype) and every scaling in one float32 tensor (`Pool.scalings`), and makes the
 slots' own tensors VIEWS of them (`param.data = view`: the Parameter objects stay, so optimizers, state_dict,
 load_state_dict, hot-swap and eager forwards are unchanged and write into the pool). A no-grad trace of a
 site whose active adapters are all pooled passes the two pool tensors to the `qpass::site` op instead of the
-slots' tensors; the gemv kernel reads A, B and scaling at the offsets in `Slot.pool_entry`
+slots' tensors; the gemv kernel reads A, B and scaling at the offsets in its `Entry`
 (`kernels.gemv_pooled`), other lowerings take views. Graphs that need gradients read the Parameters as before.
+
+The model's whole pool state is one `PoolState` (`QpassState.pool`): the pool's key, whether it is stale, the
+retired key and each pooled slot's `Entry`. `Site.pool` and `AdapterSlot.pool_entry` are read from it, never
+stored on the site or slot, and every change here refreshes the trace keys that cover them.
 
 What could break the aliasing, and what happens then:
 - `model.to(...)`, `.half()`, `.cuda()` (`nn.Module._apply`) give the slots new tensors: `_apply` of a slot or
@@ -34,7 +38,7 @@ import dataclasses
 import itertools
 import operator
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -46,6 +50,8 @@ ALIGN = 16  # every tensor starts a multiple of 16 elements in: inductor assumes
 
 _POOLS: dict = {}  # key -> Pool
 _keys = itertools.count()
+# On a pooled slot: a weak reference to its model's QpassState (a site has its own, `Site.owner`).
+_OWNER = "_qpass_pool_state"
 
 
 @dataclass(eq=False)
@@ -72,17 +78,70 @@ class Entry:
         return [self.a, self.b, self.r, self.s]
 
 
+@dataclass(eq=False)
+class PoolState:
+    """All of a model's pool state (`QpassState.pool`); only this module changes it. Sites and slots keep none
+    of their own: `Site.pool` and `AdapterSlot.pool_entry` read it here (`site_pool`, `entry`), and every change
+    refreshes the trace keys that cover it (`_refresh`)."""
+
+    key: Optional[str] = None  # the pool (in _POOLS) while the slots' tensors are its views
+    # turned off because a slot's tensors left it; rebuilt at the end of the next compile (qpass.compile_hook)
+    stale: bool = False
+    retired: Optional[str] = None  # the pool before the last rebuild, readable until the next one
+    entries: dict = field(default_factory=dict)  # slot -> Entry, for every slot whose tensors are views of `key`
+
+    def keys(self) -> tuple:
+        """The keys in _POOLS this model holds."""
+        return tuple(k for k in (self.key, self.retired) if k is not None)
+
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle of the model) never shares a pool with the original (its slots' tensors are
+        its own, qpass.slot.AdapterSlot): its pool is off, and stale if the original had one, so
+        qpass.compile_hook builds the copy's own at its next compile (eager needs none)."""
+        return {"key": None, "stale": self.key is not None or self.stale, "retired": None, "entries": {}}
+
+
 def get(key: str) -> Pool:
     return _POOLS[key]
 
 
+def _state_of(obj):
+    """The QpassState a site (`Site.owner`) or a pooled slot (`_OWNER`) belongs to, or None."""
+    ref = obj.owner if isinstance(obj, _site.Site) else obj.__dict__.get(_OWNER)
+    return ref() if ref is not None else None
+
+
+def entry(slot) -> Optional[Entry]:
+    """Where the slot's tensors sit in its model's pool, or None (not pooled): `AdapterSlot.pool_entry`."""
+    ps = getattr(_state_of(slot), "pool", None)
+    return None if ps is None else ps.entries.get(slot)
+
+
+def site_pool(site) -> Optional[str]:
+    """The key of the pool a trace of `site` may read (`Site.pool`): the model's pool while it is on and holds
+    one of the site's slots."""
+    ps = getattr(_state_of(site), "pool", None)  # (no state yet while a copy of the model is restored)
+    if ps is None or ps.key is None or ps.stale:
+        return None
+    return ps.key if any(slot in ps.entries for slot in site.slots.values()) else None
+
+
+def _refresh(state, slots: bool = True) -> None:
+    """The trace keys that cover the pool state (each site's pool key; with `slots`, each slot's entry)."""
+    for site in state.sites.values():
+        site.refresh_trace_key()
+        if slots:
+            for slot in site.slots.values():
+                slot.refresh_trace_key()
+
+
 def _poolable(slot, dtype=None, device=None, shared=()) -> bool:
-    """A slot of a low-rank spec (`AdapterSpec.low_rank`, no bias) whose A, B and scaling qpass may move into a
-    pool: plain tensors, each the whole of its
-    storage or a view of one of the `shared` storages (the model's pool), never a view into someone else's
-    buffer (FSDP2's unsharded parameters view its all-gather buffer; its shards are DTensors)."""
+    """A slot of a low-rank spec whose tensors are exactly A, B and scaling (`LowRank.plain`, no bias) and that
+    qpass may move into a pool: plain tensors, each the whole of its storage or a view of one of the `shared`
+    storages (the model's pool), never a view into someone else's buffer (FSDP2's unsharded parameters view
+    its all-gather buffer; its shards are DTensors)."""
     decl = slot.spec.low_rank
-    if decl is None or list(slot.tensor_names) != [decl.a, decl.b, decl.scaling]:
+    if decl is None or not decl.plain or list(slot.tensor_names) != [decl.a, decl.b, decl.scaling]:
         return False
     a, b, s = slot.tensors()
     if not all(_plain(t) and _own(t, shared) for t in (a, b, s)):
@@ -108,13 +167,19 @@ def _up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _storages(key: Optional[str]) -> tuple:
+    """The data pointers of pool `key`'s two tensors (none if there is no such pool)."""
+    found = _POOLS.get(key) if key is not None else None
+    return () if found is None else (found.data.untyped_storage().data_ptr(),
+                                     found.scalings.untyped_storage().data_ptr())
+
+
 def build(state) -> None:
     """(Re)make the model's pool from its slots' current values; every poolable slot's tensors become views
     of it. Slots of another dtype or device than the first poolable one stay as they are (not pooled). The
     previous pool stays readable until the next build: a graph traced onto it may be running its first call."""
-    current = _POOLS.get(state.pool) if state.pool is not None else None
-    shared = () if current is None else (current.data.untyped_storage().data_ptr(),
-                                         current.scalings.untyped_storage().data_ptr())
+    ps = state.pool
+    shared = _storages(ps.key)
     _retire(state)
     slots = [slot for site in state.sites.values() for slot in site.slots.values()]
     first = next((slot for slot in slots if _poolable(slot, shared=shared)), None)
@@ -125,24 +190,23 @@ def build(state) -> None:
     entries, at = [], 0
     for i, slot in enumerate(members):
         a, b, _ = slot.tensors()
-        entry = Entry(at, at + _up(a.numel()), a.shape[0], ALIGN * i, a.shape[1], b.shape[0])
-        entries.append(entry)
-        at = entry.b + _up(b.numel())
+        found = Entry(at, at + _up(a.numel()), a.shape[0], ALIGN * i, a.shape[1], b.shape[0])
+        entries.append(found)
+        at = found.b + _up(b.numel())
     data = torch.zeros(at, dtype=a0.dtype, device=a0.device)
     scalings = torch.zeros(ALIGN * len(members), dtype=torch.float32, device=a0.device)
     key = str(next(_keys))
     with torch.no_grad():
-        for slot, entry in zip(members, entries):
-            for t, view in zip(slot.tensors(), views(entry, data, scalings)):
+        for slot, found in zip(members, entries):
+            for t, view in zip(slot.tensors(), views(found, data, scalings)):
                 view.copy_(t)
                 t.data = view
-            slot.pool_entry = entry
-            object.__setattr__(slot, "_qpass_pool_state", weakref.ref(state))
+            ps.entries[slot] = found
+            object.__setattr__(slot, _OWNER, weakref.ref(state))
     _POOLS[key] = Pool(key, data, scalings)
-    weakref.finalize(state, _POOLS.pop, key, None)
-    state.pool, state.pool_stale = key, False
-    for site in state.sites.values():
-        site.pool = key if any(slot.pool_entry is not None for slot in site.slots.values()) else None
+    weakref.finalize(ps, _POOLS.pop, key, None)
+    ps.key, ps.stale = key, False
+    _refresh(state)
 
 
 def views(entry: Entry, data: torch.Tensor, scalings: torch.Tensor) -> list:
@@ -159,7 +223,7 @@ def expand(slots: list, adapter: list) -> list:
 
 def flat(entries: list) -> list:
     """Entries as plain ints (what an FX graph node can carry as a constant argument)."""
-    return [i for entry in entries for i in dataclasses.astuple(entry)]
+    return [i for found in entries for i in dataclasses.astuple(found)]
 
 
 def entry_views(adapter: list, ints: list) -> list:
@@ -170,43 +234,37 @@ def entry_views(adapter: list, ints: list) -> list:
 
 
 def _retire(state) -> None:
-    """The current pool becomes the retired one (still in _POOLS), the retired one before it is forgotten."""
-    if state.pool_retired is not None:
-        _POOLS.pop(state.pool_retired, None)
-    state.pool_retired = state.pool
-    _off(state)
+    """The current pool becomes the retired one (still in _POOLS), the retired one before it is forgotten;
+    the pool is off."""
+    ps = state.pool
+    if ps.retired is not None:
+        _POOLS.pop(ps.retired, None)
+    ps.retired = ps.key
+    ps.key, ps.stale = None, False
+    ps.entries.clear()
+    _refresh(state)
 
 
 def drop(state) -> None:
     """Forget the model's pools (the slots' tensors keep their storage): nothing reads them any more."""
     _retire(state)
-    _POOLS.pop(state.pool_retired, None)
-    state.pool_retired = None
-
-
-def _off(state) -> None:
-    state.pool, state.pool_stale = None, False
-    for site in state.sites.values():
-        site.pool = None
-        for slot in site.slots.values():
-            if slot.pool_entry is not None:
-                slot.pool_entry = None
+    _POOLS.pop(state.pool.retired, None)
+    state.pool.retired = None
 
 
 def invalidate(state) -> None:
     """Stop reading the pool (a slot's tensors no longer alias it): compiled models retrace onto the slots'
-    own tensors; the pool is rebuilt at the end of the next compile (`ensure`, from qpass.compile_hook)."""
-    if state.pool is None:
+    own tensors; the pool is rebuilt at the end of the next compile (`ensure`, from qpass.compile_hook). The
+    entries stay (what `ensure` checks); only the sites' keys change."""
+    if state.pool.key is None:
         return
-    state.pool_stale = True
-    for site in state.sites.values():
-        site.pool = None
+    state.pool.stale = True
+    _refresh(state, slots=False)
 
 
 def invalidate_slot(slot) -> None:
-    ref = slot.__dict__.get("_qpass_pool_state")
-    state = ref() if ref is not None else None
-    if state is not None and slot.pool_entry is not None:
+    state = _state_of(slot)
+    if state is not None and state.pool.entries.get(slot) is not None:
         invalidate(state)
 
 
@@ -218,28 +276,28 @@ def check_slot(slot) -> None:
 
 def aliased(slot) -> bool:
     """Whether the slot's tensors are still the views of its pool entry."""
-    ref = slot.__dict__.get("_qpass_pool_state")
-    state = ref() if ref is not None else None
-    pool = _POOLS.get(state.pool) if state is not None and state.pool is not None else None
-    if pool is None or slot.pool_entry is None:
+    state = _state_of(slot)
+    found = None if state is None else state.pool.entries.get(slot)
+    pool = _POOLS.get(state.pool.key) if found is not None and state.pool.key is not None else None
+    if pool is None:
         return False
     return all(_plain(t) and t.dtype == v.dtype and t.device == v.device and t.data_ptr() == v.data_ptr()
-               and t.shape == v.shape for t, v in zip(slot.tensors(), views(slot.pool_entry, pool.data, pool.scalings)))
+               and t.shape == v.shape for t, v in zip(slot.tensors(), views(found, pool.data, pool.scalings)))
 
 
 def ensure(state) -> None:
     """At each compile, before the compiled graph's first call: a pool that was turned off, or whose views were
     replaced behind qpass's back (`p.data = t`), is made again from the slots' current values (the sites' trace
     keys change, so the next call retraces onto it)."""
-    if state.pool_stale:
+    ps = state.pool
+    if ps.stale:
         build(state)
         return
-    current = _POOLS.get(state.pool) if state.pool is not None else None
-    if current is None:
+    if ps.key is None or ps.key not in _POOLS:
         return
-    shared = (current.data.untyped_storage().data_ptr(), current.scalings.untyped_storage().data_ptr())
+    shared = _storages(ps.key)
     broken = [slot for site in state.sites.values() for slot in site.slots.values()
-              if slot.pool_entry is not None and not aliased(slot)]
+              if slot in ps.entries and not aliased(slot)]
     # Rebuilt only if qpass may take the tensors that replaced the views; tensors someone else manages (FSDP2's
     # DTensor shards and unsharded views) are left alone: traces check aliasing (`pooled`) and read them as
     # they are, and a rebuild would only change the trace keys (a recompile every time FSDP2 swaps them).
@@ -251,21 +309,23 @@ def pooled(site, names: tuple) -> Optional[Pool]:
     """The pool a trace of `site` with active adapters `names` reads, or None (read the slots' tensors):
     only where no gradient is wanted, every active adapter is pooled and, checked as the trace runs, still a
     view of the pool (so a trace never reads a pool its slots have left unseen, e.g. after `p.data = t`)."""
-    if site.pool is None or not names or torch.is_grad_enabled():
+    if not names or torch.is_grad_enabled():
         return None
-    if not all(site.slots[n].pool_entry is not None for n in names):
-        return None
-    if not _aliased_at_trace(site.key, tuple(names)):
-        return None
-    return _POOLS.get(site.pool)
+    key = _pool_at_trace(site.key, tuple(names))
+    return None if key is None else _POOLS.get(key)
 
 
 @torch._dynamo.assume_constant_result
-def _aliased_at_trace(site_key: str, names: tuple) -> bool:
-    """Run as it is while dynamo traces (its result is a constant of the trace, not guarded: what it checks
-    changes only through the hooks that turn the pool off, or unseen, and then the next compile repairs it)."""
+def _pool_at_trace(site_key: str, names: tuple) -> Optional[str]:
+    """The key of the pool the trace reads, or None. Run as it is while dynamo traces: its result is a constant
+    of the trace, not guarded. What it reads is covered by guarded keys (the site's trace key holds `Site.pool`,
+    each slot's its `pool_entry`: `_refresh` changes them with the pool state), except the aliasing, which
+    changes only through the hooks that turn the pool off, or unseen, and then the next compile repairs it."""
     site = _site.get(site_key)
-    return all(aliased(site.slots[n]) for n in names)
+    key = site.pool
+    if key is None or not all(site.slots[n].pool_entry is not None and aliased(site.slots[n]) for n in names):
+        return None
+    return key
 
 
 # ---- the pool pass ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The default (`base_layout="library"`) leaves the library's buffers as they are. GPTQ with groups in order and
 AWQ decode from them directly (qpass's gemv kernel); for the rest (act-order GPTQ, or no C++ kernels) CPU bf16
 decode steps keep a repacked copy of the 4-bit codes beside them (`qpass.lowering.packed_for`): fast decode,
-but those 4-bit weights are held twice (1.56x the quantized model + adapters when every layer needs it).
+but those 4-bit weights are held twice (the library's codes and the repacked ones).
 
 With "int4pack", `prepare` converts every eligible site in place, as gptqmodel's own `TorchAtenLinear` does
 on its first eval forward: `qweight` becomes aten's int4pack layout (same bytes: 4 bits per weight), plus

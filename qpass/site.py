@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import policy
+from . import policy, pool as _pool
 from .lowering import lowered_site
 from .quant import QuantInfo, base_forward
 
@@ -51,11 +51,11 @@ class Site:
     active: tuple = ("default",)
     disabled: bool = False
     owner: Optional[Callable] = None  # weakref to the model's QpassState
-    pool: Optional[str] = None  # the key of the model's adapter pool, while the trace may read it (qpass.pool)
 
     # The fields the traced forward reads; assigning any of them refreshes `trace_key` (see qpass.guards).
-    # `slots` is a ModuleDict: code that adds or removes an adapter calls `refresh_trace_key()`.
-    trace_fields = ("id", "info", "slots", "active", "disabled", "pool")
+    # `slots` is a ModuleDict: code that adds or removes an adapter calls `refresh_trace_key()`. The key also
+    # covers `pool`, which qpass.pool refreshes whenever the model's pool state changes.
+    trace_fields = ("id", "info", "slots", "active", "disabled")
 
     def __post_init__(self):
         _SITES[self.id] = self
@@ -77,6 +77,11 @@ class Site:
     def key(self) -> str:
         return str(self.id)
 
+    @property
+    def pool(self) -> Optional[str]:
+        """The key of the model's adapter pool while a trace of this site may read it (held by qpass.pool)."""
+        return _pool.site_pool(self)
+
     @classmethod
     def create(cls, path: str, info: QuantInfo, module: nn.Module) -> "Site":
         site = cls(path=path, info=info, module_ref=weakref.ref(module))
@@ -94,20 +99,19 @@ class Site:
     # ---- copying and pickling (copy.deepcopy, pickle, torch.save of the prepared model) ------------------
     # Invariants of a restored site: it has a NEW id, registered in `_SITES` (two live copies never share an
     # id: graphs name their site by it); `module_ref` and `owner` are weak again, to the copied module and
-    # QpassState (in the state they travel as strong references, so the copy brings them along); `pool` is
-    # None (the copy's slots are not views of the original's pool: its QpassState rebuilds one, qpass.pool).
+    # QpassState (in the state they travel as strong references, so the copy brings them along).
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["module_ref"] = self.module_ref()
         state["owner"] = self.owner() if self.owner is not None else None
-        state["pool"] = None
         state.pop("trace_key", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         module, owner = state.pop("module_ref"), state.pop("owner")
+        state.pop("pool", None)  # a field before qpass.pool.PoolState held it
         self.__dict__.update(state)
         object.__setattr__(self, "module_ref", weakref.ref(module) if module is not None else _freed)
         object.__setattr__(self, "owner", weakref.ref(owner) if owner is not None else None)

@@ -88,11 +88,17 @@ class AdapterSlot(nn.Module):
             self.constant_names.append(name)
         self.tensor_names = self.param_names + self.constant_names
         self.dropout_p = float(spec.dropout(cfg))
-        self.pool_entry = None  # where this slot's tensors sit in the model's adapter pool (qpass.pool), if they do
         self.refresh_trace_key()
 
     # The attributes the traced forward reads; assigning any of them refreshes `trace_key` (see qpass.guards).
-    trace_fields = ("spec", "cfg", "dropout_p", "tensor_names", "param_names", "constant_names", "pool_entry")
+    # The key also covers `pool_entry`, which qpass.pool refreshes whenever the model's pool state changes.
+    trace_fields = ("spec", "cfg", "dropout_p", "tensor_names", "param_names", "constant_names")
+
+    @property
+    def pool_entry(self):
+        """Where this slot's tensors sit in the model's adapter pool (a `qpass.pool.Entry`), or None: held by
+        qpass.pool, not by the slot."""
+        return pool.entry(self)
 
     def __setattr__(self, name, value):
         if name in getattr(self, "constant_names", ()) and isinstance(value, torch.Tensor):
@@ -111,19 +117,22 @@ class AdapterSlot(nn.Module):
         pool.check_slot(self)
         return out
 
-    # Copying/pickling (with the model): a copy is never in a pool. `_qpass_pool_state` (a weak reference to the
-    # original's QpassState) is dropped; a slot that was pooled gets `pool_entry=None` and tensors of its own
-    # storage (pickle keeps them views of the copied pool tensor, which is no pool: `pool.build` would not
-    # take them), so the copy's QpassState can build its own pool (qpass.pool) and nothing aliases the original's.
+    # Copying/pickling (with the model): a copy is never in a pool. The weak reference to the original's
+    # QpassState (`pool._OWNER`) is dropped; the pickled state records the entry the slot had (`pool_entry`),
+    # and a slot that was pooled gets tensors of its own storage (pickle keeps them views of the copied pool
+    # tensor, which is no pool: `pool.build` would not take them), so the copy's QpassState can build its own
+    # pool (qpass.pool) and nothing aliases the original's.
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_qpass_pool_state", None)
+        state.pop(pool._OWNER, None)
         state.pop("trace_key", None)
+        state["pool_entry"] = self.pool_entry
         return state
 
     def __setstate__(self, state):
-        pooled = state.get("pool_entry") is not None
-        super().__setstate__({**state, "pool_entry": None})
+        state = dict(state)
+        pooled = state.pop("pool_entry", None) is not None
+        super().__setstate__(state)
         if pooled:
             for t in self.tensors():
                 if not pool._own(t, ()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Optional
+from typing import Callable, Literal, Mapping, Optional, Union
 
 import torch
 
@@ -47,17 +47,42 @@ class Param:
 
 @dataclass(frozen=True)
 class LowRank:
-    """Declares that a spec's output-attached delta is a low-rank product, delta = ((x A^T) B^T + bias) * scaling
-    on the adapter input x, with A (r, in_features), B (out_features, r), an optional bias (out_features) and a
-    0-d float32 scaling, named as the spec's tensors. What the fast paths read: sibling fusion (one
-    down-projection for every sibling), the C++ kernels that fold the up-projection into the base GEMM or GEMV,
-    and the adapter pool. `compute` must compute exactly this; the engine's fused forms are checked against it
-    (tests/test_custom_pattern.py)."""
+    """Declares that a spec's output-attached delta is a low-rank product over the spec's tensors `p`,
+
+        delta = ((f(x) (A * E)^T) B^T + bias) * s
+
+    on the adapter input x, with A (r, k), B (out_features, r), an optional bias (out_features), and:
+    - `scaling`: s, the name of a 0-d float32 tensor, or a function of `p` giving one (AdaLoRA:
+      scaling / (ranknum + 1e-5));
+    - `rank_scale`: E, the name of an (r, 1) tensor scaling A's rows (AdaLoRA's `lora_E`), or None;
+    - `down_input`: f, a function `(x, A) -> x'` applied before the down-projection (QA-LoRA's group pooling,
+      k = in_features // G), or None (f(x) = x, k = in_features). Siblings share one f(x).
+
+    What the fast paths read: sibling fusion (one down-projection for every sibling), the C++ kernels that fold
+    the up-projection into the base GEMM or take the whole adapter into the call (those that compute x A^T
+    themselves need `down_input` None), and the adapter pool (only a `plain` declaration: it holds the tensors
+    as they are). `compute` must compute exactly this; the fused forms are checked against it
+    (tests/test_low_rank_spec.py, tests/test_low_rank_variants.py)."""
 
     a: str = "lora_A.weight"
     b: str = "lora_B.weight"
-    scaling: str = "scaling"
+    scaling: Union[str, Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] = "scaling"
     bias: Optional[str] = "lora_B.bias"
+    rank_scale: Optional[str] = None
+    down_input: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+    @property
+    def plain(self) -> bool:
+        """delta = ((x A^T) B^T + bias) * s with A, B and s stored as they are read (what the pool holds)."""
+        return self.rank_scale is None and self.down_input is None and isinstance(self.scaling, str)
+
+    def down(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The down-projection's weight: A, or A * E."""
+        return p[self.a] if self.rank_scale is None else p[self.a] * p[self.rank_scale]
+
+    def scale(self, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """s, the 0-d float32 factor of the delta."""
+        return p[self.scaling] if isinstance(self.scaling, str) else self.scaling(p)
 
 
 @dataclass(frozen=True)
@@ -87,7 +112,7 @@ class AdapterSpec:
     # each slot's guard key (qpass.guards). Fields read only inside the op (rank, alpha) are not: changing
     # them by hot-swap never recompiles.
     traced_config: tuple = ("dtype_policy",)
-    # Optional: the structure of `compute`, where it is a plain low-rank product (see `LowRank`); a spec that
+    # Optional: the structure of `compute`, where it is a low-rank product (see `LowRank`); a spec that
     # declares it gets the fused lowerings whatever its name.
     low_rank: Optional[LowRank] = None
 

@@ -38,24 +38,22 @@ class QpassState:
     graph_keys: set = field(default_factory=set)  # (compile id, sites) of each graph counted in the report
     max_rank: Optional[int] = None
     adapter_dtype: torch.dtype = torch.float32
-    pool: Optional[str] = None  # the key of the adapter pool (qpass.pool) while the slots' tensors are its views
-    # the pool was turned off (a slot's tensors left it); rebuilt at the end of the next compile (qpass.compile_hook)
-    pool_stale: bool = False
-    pool_retired: Optional[str] = None  # the pool before the last rebuild, readable until the next one
+    pool: pool.PoolState = field(default_factory=pool.PoolState)  # the adapter pool's state (qpass.pool)
     lock: transaction.SwapLock = field(default_factory=transaction.SwapLock)  # forwards read, changes write
 
     # Copying and pickling (copy.deepcopy, pickle, torch.save of the prepared model). A copy never shares a pool
-    # with the original (its slots' tensors are its own, qpass.slot.AdapterSlot): its pool is off and marked
-    # stale, so qpass.compile_hook builds the copy's own at its next compile (eager needs none). Locks are not
-    # copied: an attribute holding a threading primitive is dropped, and on load every field missing from the
-    # state gets its default (`_fill_defaults`: a fresh lock from the field's default_factory; also the new
-    # fields of an older pickle), so a lock must be a field with a default_factory.
+    # with the original (`PoolState` copies as off and stale). Locks are not copied: an attribute holding a
+    # threading primitive is dropped, and on load every field missing from the state gets its default
+    # (`_fill_defaults`: a fresh lock from the field's default_factory; also the new fields of an older
+    # pickle), so a lock must be a field with a default_factory.
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCKS)}
-        state.update(pool=None, pool_retired=None, pool_stale=self.pool is not None or self.pool_stale)
-        return state
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCKS)}
 
     def __setstate__(self, state: dict) -> None:
+        if "pool_stale" in state:  # pickled before `PoolState`: its pool was off, stale if it had one
+            stale = state["pool_stale"]
+            state = {k: v for k, v in state.items() if k not in ("pool", "pool_stale", "pool_retired")}
+            state["pool"] = pool.PoolState(stale=stale)
         self.__dict__.update(state)
         _fill_defaults(self)
         # nn.Module's own copy drops `_compiled_call_impl`, where the swap lock's reading side sits; the model is

@@ -10,7 +10,7 @@ it back before the exception propagates:
 - every parameter's and buffer's `requires_grad` and storage (`p.data`: the adapter pool re-points them);
 - the values of the tensors the operation writes in place (`values`: adapter tensors, small). Nothing else is
   copied, so the record costs a walk over the module tree;
-- qpass's own objects (the model's `QpassState`, its sites, report and rows) the same way as modules;
+- qpass's own objects (the model's `QpassState`, its pool state, sites, report and rows) the same way as modules;
 - qpass's registries of sites and adapter pools, for this model's entries.
 
 A tensor the operation writes in place must be in `values`; `restore` checks the version counters of the
@@ -67,7 +67,7 @@ class Snapshot:
         state = model.__dict__.get("_qpass")
         objects = list(model.modules())
         if state is not None:
-            objects += [state, state.report, *state.report.rows, *state.sites.values()]
+            objects += [state, state.pool, state.report, *state.report.rows, *state.sites.values()]
         self.records = [_Record(o) for o in objects]
         self.tensors = []
         for module in model.modules():
@@ -125,8 +125,7 @@ def _pools_of(state) -> dict:
 
     if state is None:
         return {}
-    keys = (state.pool, state.pool_retired)
-    return {k: pool._POOLS[k] for k in keys if k is not None and k in pool._POOLS}
+    return {k: pool._POOLS[k] for k in state.pool.keys() if k in pool._POOLS}
 
 
 @contextlib.contextmanager

@@ -74,13 +74,13 @@ def fingerprint(model):
     state = model.__dict__.get("_qpass")
     if state is not None:
         fp["_qpass"] = (
-            sorted(state.configs), state.pool, state.pool_retired, state.pool_stale, str(state.report.to_dict()),
+            sorted(state.configs), state.pool.key, state.pool.retired, state.pool.stale, str(state.report.to_dict()),
             {p: (s.id, s.active, s.disabled, s.trace_key, s.pool, tuple(s.slots), s.info) for p, s in state.sites.items()},
             {f"{p}.{n}": (slot.trace_key, slot.cfg, slot.dropout_p, slot.pool_entry)
              for p, s in state.sites.items() for n, slot in s.slots.items()},
         )
         fp["registries"] = ({s.id for s in state.sites.values()} <= set(site_mod._SITES),
-                            state.pool is None or state.pool in pool._POOLS)
+                            state.pool.key is None or state.pool.key in pool._POOLS)
     return fp
 
 

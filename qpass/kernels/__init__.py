@@ -7,8 +7,7 @@ AutoAWQ's GEMM packing (autoawq's WQLinear_GEMM, gptqmodel's AWQ classes), for e
 by the AVX-512, AVX2 or portable loop, returned in bfloat16; others multiplied and returned as float32),
 optionally with each site's LoRA added in the same call. The int4 kernel aten ships
 (`_weight_int4pack_mm_for_cpu`) needs the weights repacked into its own layout — a second copy of every
-weight — and bf16 activations; this kernel needs neither, and on the benchmark machine runs within 0-25% of
-aten's kernel per layer at one row (benchmarks --kernels).
+weight — and bf16 activations; this kernel needs neither.
 
 `{gptq4,awq4,int4pack}_mm(x, ..., extra_in, extra_w)` and `..._dequant` (dequant.cpp): the prefill / training
 GEMM — 4-bit codes unpacked into the activation dtype, bit-exact to the library's dequantize. bfloat16 x
@@ -18,8 +17,8 @@ panels (64 columns, in L2); otherwise cache-sized column chunks, each multiplied
 Optional low-rank terms (LoRA's up-projection) added in the same accumulation; differentiable (the backward
 unpacks again).
 
-Built with `torch.utils.cpp_extension.load` (-O3, -march=native; about 30 s once per machine, then loaded
-from torch's extension cache; the extension's name carries the instruction set and a digest of the source,
+Built with `torch.utils.cpp_extension.load` (-O3, -march=native; once per machine, then loaded from torch's
+extension cache; the extension's name carries the instruction set and a digest of the source,
 the compiler flags and this CPU's flags, so a shared cache never hands one CPU's build to another). If the
 build fails (no compiler), `available()` is False, the reason is kept in `unavailable_reason()` and the
 lowerings use aten's kernel. Set QPASS_CPP_KERNELS=0 to never build or use them.
@@ -66,7 +65,7 @@ def _cpu_flags() -> str:
 # one build that runs on several CPUs. Each is its own extension (the name carries the ISA and the digest).
 _ISA_FLAGS = {
     "native": ["-march=native"],
-    # the x86-64-v4 set (every AVX-512 CPU has it: Skylake-SP and later, Zen 4 and later); no AVX512-BF16, so an
+    # the x86-64-v4 set (every AVX-512 CPU has it); no AVX512-BF16, so an
     # AVX512-BF16 CPU tests its plain AVX-512 loops this way and its bf16 loops under "native"
     "avx512": ["-march=x86-64", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512cd", "-mavx2", "-mfma",
                "-mf16c"],
@@ -115,7 +114,7 @@ def _build(isa: str, flags: list) -> str:
     source = "".join(p.read_text() for p in _SOURCES + _HEADERS)
     digest = hashlib.sha1((source + isa + " ".join(flags) + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
     name = f"qpass_kernels_{isa}_{digest}"
-    from ..log import Step  # progress lines (silent in library use): the build takes ~30 s, the cached load ~1 s
+    from ..log import Step  # progress lines (silent in library use): a build is long enough to announce
 
     cached = os.path.isfile(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
     with Step(f"building qpass CPU kernels for {isa} (once per machine, ~30 s)", "built qpass CPU kernels", silent=cached):
@@ -279,8 +278,8 @@ for _op in ("gptq4_mm_lora", "awq4_mm_lora", "int4pack_mm_lora"):
 @functools.cache
 def wide_gemm(dtype: torch.dtype) -> bool:
     """Whether a CPU GEMM in half-precision `dtype` is done in float32 here: oneDNN has no fast kernel for it on
-    this CPU (bf16 on AVX2-only CPUs: 128x1024x3072 in 654 ms vs 7.1 ms float32 on a Zen 2; fp16 without
-    AVX512-FP16). The C++ `_mm` kernels ask oneDNN the same questions (`wide` in dequant.cpp) and, like this,
+    this CPU (bf16 without AVX-512, fp16 without AVX512-FP16: a reference loop, orders of magnitude slower than
+    its float32 GEMM). The C++ `_mm` kernels ask oneDNN the same questions (`wide` in dequant.cpp) and, like this,
     ask once per process: the backward calls it for every matmul."""
     if dtype == torch.bfloat16:
         return not torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -1,7 +1,7 @@
 // The prefill / training base of 4-bit weights on CPU: the weights are unpacked by vector code straight
-// into the activation dtype and multiplied. Inductor's code for the same unpack converts int32 to bf16 element
-// by element (about 2 ms per 1024x3072 layer on the benchmark machine, next to a 2.5 ms bf16 GEMM); this one
-// writes 16 weights per instruction sequence.
+// into the activation dtype and multiplied. Inductor's code for the same unpack converts int32 to bf16 one
+// element at a time, which costs about as much as the GEMM itself; this one writes 16 weights per instruction
+// sequence.
 //
 // Three layouts, each with `<layout>_dequant` (the weight), `<layout>_mm` (x @ weight) and `<layout>_mm_lora`
 // (x @ weight plus a LoRA, prefill):
@@ -64,9 +64,9 @@ constexpr int storage(int o) { return o >= F32_BF16 ? F32 : o; }                
 // weight (its half-precision values) in float32, multiplied by the float32 GEMM, rounded once. bf16 x bf16 and
 // f16 x f16 products are exact in float32 and a half-precision GEMM accumulates in float32 too, so this is the
 // same computation. oneDNN (what at::mm calls) says itself whether it has the kernel; Python's
-// `kernels.wide_gemm`, which the backward uses, asks the same two questions. No bf16 kernel for AVX2:
-// 128x1024x3072 took 654 ms in bf16 against 7.1 ms in float32 on a Zen 2 VM; fp16 without AVX512-FP16: 889 ms
-// vs 5.8 on a Zen 4.
+// `kernels.wide_gemm`, which the backward uses, asks the same two questions. Without the kernel (bf16 on CPUs
+// without AVX-512, fp16 without AVX512-FP16) oneDNN's half-precision GEMM is a reference loop, orders of
+// magnitude slower than its float32 one.
 bool onednn_has(const char* op) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(op, "").typed<bool()>().call();
 }
@@ -213,8 +213,8 @@ struct GroupParams {
 // ---- gptq4 -------------------------------------------------------------------------------------------------
 
 // Row by row: each packed row read front to back over the columns and its 8 rows of weights written front to
-// back. (Walking 16-column strips down K instead reads a new page every few hundred bytes while the weights
-// stream in from memory: ~1.6x the time of this order on the benchmark model's layers.)
+// back. (Walking 16-column strips down K instead would read a new page every few hundred bytes while the
+// weights stream in from memory.)
 template <int S, int O>
 void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* out, int64_t ldo, int64_t origin,
                   int64_t g0, int64_t g1) {
@@ -405,8 +405,6 @@ void int4pack_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, voi
 // while it is in cache. So the weight is written once, by the unpack, and read by the multiply: against
 // unpack -> bf16 chunk -> at::mm, one write and one read of the chunk fewer, and the library's packing pass gone.
 // The weights are the ones `_dequant` gives (same rounding); the sums are float32, rounded once to bf16.
-// Measured on the benchmark machine: the micro-kernel alone on a dense bf16 weight runs at ~1.2x oneDNN's speed
-// for the same product (128 x 1024 x 3072: 2.5 vs 3.2 ms).
 
 // Rows [k0, k1) (whole groups) of columns [n0, n0 + 16 * nv) of a site into panel (pair words, row stride kPanel).
 using PackFn = void (*)(const Site&, const Shape&, int64_t n0, int nv, int64_t k0, int64_t k1, int32_t* panel);
@@ -881,7 +879,8 @@ at::Tensor up_pairs(const at::Tensor& b, float scaling) {
 
 #endif
 
-// Columns of W per chunk: 1024 x 512 bf16 is 1 MiB, within one core's L2 here.
+// Columns of W per chunk: the unpacked chunk (K x 512; 1 MiB for K = 1024 in bf16) must stay in a core's L2
+// while the GEMM library multiplies it.
 constexpr int64_t kChunk = 512;
 
 // x @ W, plus for site i (when given) extra_in[i] @ extra_w[i] in the same GEMM: the input is [x | extra_in[i]]

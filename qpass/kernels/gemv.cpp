@@ -22,9 +22,8 @@
 //    rows' words are first interleaved 16 bits at a time (vpunpcklwd / vpunpckhwd: two instructions per
 //    2 x 16 words), pairing rows (k, k + 1) of the same columns.
 //  * Each loop has three builds, picked by the compiler's target (-march=native): AVX-512 (16 lanes), AVX2 +
-//    FMA + F16C without AVX-512 (8 lanes, QPASS_AVX2: Zen 2/3, Intel client cores; bfloat16 x takes the float32
-//    loop, x widened once) and portable C++. On a Zen 2 VM the AVX2 build runs the benchmark model's 16
-//    decode-step calls in 2.17 ms (GPTQ) / 3.50 ms (AWQ) against 3.65 / 4.82 ms for the portable loops.
+//    FMA + F16C without AVX-512 (8 lanes, QPASS_AVX2; bfloat16 x takes the float32 loop, x widened once) and
+//    portable C++.
 // The error is a few float32 ulps of sum |x| s (c + q + z) (tests/test_kernels.py), far below a bfloat16
 // output's rounding.
 //
@@ -35,13 +34,11 @@
 // zero offset off at once. An AWQ block of 16 words (128 columns) keeps 8 accumulators by nibble, so its
 // partial sums sit out of column order (AwqSlots) until the group's correction reads them back in order. One
 // pass then adds the threads' sums and LoRA's up-projection and stores in x's dtype, 16 columns at a time
-// (the 16 dot products of B's rows with t reduced together by a permute tree, not one horizontal sum per
-// column: about 0.06 ms less per decode step of the benchmark model, with or without LoRA). All of it in one
-// parallel region (a decode step makes 16 of these calls; each fork/join costs microseconds). Measured on the
-// benchmark model's 16 decode-step calls (25 MiB of weights, 2 threads, interleaved): 1.0-1.4 ms, against
-// 1.9-2.3 ms for the previous kernel, which walked each 128-column block down all K rows (a new page every
-// 512 bytes). Sibling sites that read the same input (q/k/v) run in one call, their output columns
-// concatenated.
+// (the 16 dot products of B's rows with t reduced together by a permute tree, not one horizontal sum and
+// scalar store per column). All of it in one parallel region (a decode step makes one call per sibling group
+// and layer, and each fork/join has a fixed cost). Walking each 128-column block down all K rows instead
+// would touch a new page every 512 bytes and stall on memory once the weights no longer fit in cache.
+// Sibling sites that read the same input (q/k/v) run in one call, their output columns concatenated.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -503,7 +500,7 @@ struct AwqSlots {
   alignas(64) int32_t f32[128], bf16[128];
   // bfloat16 loop, 16 columns (words 2t, 2t + 1: quarter t / 2, accumulators 4 (t % 2) + J): two permutes
   // pick them from accumulators J = 0, 1 and J = 2, 3 (lane `pick`, + 16 for the odd J), a blend (`odd_pair`,
-  // J >= 2) joins them. Three instructions instead of a gather (which cost ~10% of the call on Zen 4).
+  // J >= 2) joins them. Three instructions: a gather here costs far more.
   alignas(64) int32_t pick[4][16];
   uint16_t odd_pair = 0;
   AwqSlots() {
@@ -520,9 +517,10 @@ struct AwqSlots {
   }
 };
 
-// AWQ rows of K per pass over the partial sums. AVX-512 (Zen 4): 16 vs 32 vs 64, 64 fastest by 0-8%. AVX2 (Zen 2,
-// 8 accumulators of 8 words): 16 vs 32 vs 64 vs 128 gave 3.50 / 3.68 / 4.19 / 4.33 ms for the benchmark model's
-// 16 calls.
+// AWQ rows of K per pass over the partial sums: each pass reloads the block's partial sums, so more rows amortise
+// that; each row is also a stream the sweep reads a line at a time, and the AVX2 loop (8 accumulators of 8 words)
+// does best with fewer. Each is the fastest of the sizes tried on its path (benchmarks/README.md, "Kernel tuning
+// figures").
 #if defined(QPASS_AVX2)
 constexpr int kAwqRows = 16;
 #else
@@ -593,9 +591,7 @@ struct Segment {
 // LoRA's A and B rows a thread reads after its base work (t = x A^T, then the up-projection of its columns),
 // pulled into L2 by software prefetch while that base work runs, paced by the weight bytes read so far. The
 // base loop is bound by unpacking the codes and leaves memory bandwidth over; A and B read in passes of their
-// own are bound by bandwidth. The benchmark model's 16 decode calls with LoRA (AVX2 build, interleaved):
-// 2.49 -> 2.43 ms (2.19 without LoRA); prefetching in bursts after each segment, or only late in the base
-// work, gained nothing.
+// own are bound by bandwidth. Pacing by bytes spreads the prefetches over the whole base work.
 struct Prefetch {
   std::vector<std::pair<const char*, int64_t>> ranges;  // (first byte, bytes), in the order they are read
   size_t range = 0;
@@ -669,8 +665,8 @@ void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part
       const int nw = static_cast<int>(std::min<int64_t>(16, wpr - b0));
 #if defined(QPASS_AVX2)
       // The same block's lines of the next kAwqRows rows, one sweep ahead: the sweep reads kAwqRows rows a
-      // 64-byte line at a time, kAwqRows streams too many for the hardware prefetcher. The benchmark model's 16
-      // AWQ decode calls: 3.69 -> 2.53 ms (interleaved; the same for GPTQ's loop made it 3.5% slower).
+      // 64-byte line at a time, kAwqRows streams too many for the hardware prefetcher. (GPTQ's loop reads few
+      // enough streams for it, and is left to it.)
       for (int64_t i = k + kAwqRows; i < std::min<int64_t>(k + kAwqRows + nr, in.K); i++)
         __builtin_prefetch(s.qweight + i * wpr + b0, 0, 3);
 #endif
@@ -814,7 +810,7 @@ at::Tensor gemv(const char* op, const at::Tensor& x, const std::vector<int64_t>&
   in.M = M, in.K = K, in.x = xf.data(), in.pairs = pairs.data();
   in.bf16 = bf16 && kBf16Loop;
 
-  // One parallel region (each fork/join costs microseconds, and a decode step makes 16 of these calls):
+  // One parallel region (each fork/join has a fixed cost, and a decode step makes several of these calls):
   // 1. thread p: word rows [rows p / T, rows (p + 1) / T) of every site (cut into segments at group
   //    boundaries) into its own partial sums; and its share of LoRA's t = x A^T.
   // 2. after a barrier, thread p: its share of each site's columns: the threads' sums + scaling t B^T,

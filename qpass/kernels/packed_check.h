@@ -7,8 +7,8 @@
 
 #include <vector>
 
-// Each vector loop has an AVX-512 build, an AVX2 build (QPASS_AVX2: AVX2 + FMA + F16C without AVX-512 — AMD
-// Zen 2/3, Intel client cores; 8 lanes) and portable C++, picked by the compiler's target (-march=native, or
+// Each vector loop has an AVX-512 build, an AVX2 build (QPASS_AVX2: AVX2 + FMA + F16C without AVX-512; 8
+// lanes) and portable C++, picked by the compiler's target (-march=native, or
 // the path QPASS_CPU_ISA forces: qpass/kernels/__init__.py). QPASS_ISA names the path taken; the library
 // exports it as qpass_isa() (gemv.cpp), which qpass.kernels.isa() reads.
 #if defined(__AVX512F__)

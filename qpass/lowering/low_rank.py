@@ -53,24 +53,25 @@ def lower_bases(sites: list, base):
     return _named_fn(fn, sites, "bases", base)
 
 
-def _downs(xa, weights: list, ranks: list, reduce: bool) -> list:
-    """Each site's down-projection xa @ A^T: per site in the multiply + sum form (`reduce`, which fuses per
+def _downs(h, weights: list, ranks: list, reduce: bool) -> list:
+    """Each site's down-projection h @ A^T: per site in the multiply + sum form (`reduce`, which fuses per
     site; concatenating would copy every A) or alone, else one GEMM for every sibling."""
     if reduce or len(weights) == 1:
-        return [adapter_linear(xa, a, reduce=reduce) for a in weights]
-    return adapter_linear(xa, torch.cat(weights, 0)).split(ranks, -1)
+        return [adapter_linear(h, a, reduce=reduce) for a in weights]
+    return adapter_linear(h, torch.cat(weights, 0)).split(ranks, -1)
 
 
 def lower_group(sites: list, names: tuple, base, needs_grad: bool = False, pooled: bool = False):
     """Sibling sites with the same input and one active low-rank adapter each: `(x, xa, bases, adapters) ->
     tuple of outputs`, xa the shared adapter input. A group of one site is the same math for a single site.
     `pooled` (only where `base.reads_pool`): each site's adapters are the model's adapter pool [data,
-    scalings], read by the kernel at each slot's entry."""
+    scalings], read by the kernel at each slot's entry. The siblings' adapter is one adapter name, so one spec:
+    one `LowRank` declaration, and one `down_input` of xa for all of them."""
     slots = [s.slots[names[0]] for s in sites]
-    decls = [slot.spec.low_rank for slot in slots]
-    ranks = [slot.get(d.a).shape[0] for slot, d in zip(slots, decls)]
+    decl = slots[0].spec.low_rank
+    ranks = [slot.get(decl.a).shape[0] for slot in slots]
     pols = [s.policy(slot) for s, slot in zip(sites, slots)]
-    biased = any(d.bias is not None and d.bias in slot.tensor_names for slot, d in zip(slots, decls))
+    biased = decl.bias is not None and any(decl.bias in slot.tensor_names for slot in slots)
     if pooled and not base.reads_pool:
         raise ValueError(f"qpass: a pooled sibling group cannot take the {base.lowering} lowering")
     entries = [slot.pool_entry for slot in slots] if pooled else None
@@ -80,26 +81,30 @@ def lower_group(sites: list, names: tuple, base, needs_grad: bool = False, poole
             data, scalings = adapters[0]
             return tuple(base.pooled(x, bases, data, scalings, entries))
         ps = [dict(zip(slot.tensor_names, a)) for slot, a in zip(slots, adapters)]
-        a_s = [p[d.a] for p, d in zip(ps, decls)]
-        b_s = [p[d.b] for p, d in zip(ps, decls)]
-        s_s = [p[d.scaling] for p, d in zip(ps, decls)]
-        readable = all(a.dtype == b.dtype in LOW_RANK_DTYPES for a, b in zip(a_s, b_s))
-        if base.takes_low_rank and not biased and readable:
+        a_s, b_s, s_s = [decl.down(p) for p in ps], [p[decl.b] for p in ps], [decl.scale(p) for p in ps]
+        # A kernel that takes the delta into its call rounds t and s B to x's dtype (dequant-cpu) or adds the delta
+        # before the output's rounding (gemv-cpu); the `float32` policy (PEFT's SVDQuantLinear) keeps the whole
+        # delta in float32 and adds it afterwards, so with x narrower than float32 its delta stays in the graph.
+        in_kernel = not biased and (x.dtype == torch.float32 or "float32" not in pols)
+        # a kernel that takes the whole adapter computes x A^T itself, so it needs f(x) = x
+        readable = decl.down_input is None and all(a.dtype == b.dtype in LOW_RANK_DTYPES for a, b in zip(a_s, b_s))
+        if base.takes_low_rank and in_kernel and readable:
             return tuple(base.low_rank(x, bases, [(a, b, s.float()) for a, b, s in zip(a_s, b_s, s_s)]))
-        if base.takes_folded_up and not biased:
-            downs = _downs(xa, a_s, ranks, reduce=False)
+        h = xa if decl.down_input is None else decl.down_input(xa, a_s[0])
+        if base.takes_folded_up and in_kernel:
+            downs = _downs(h, a_s, ranks, reduce=False)
             # (s B)^T written contiguous by the graph's own kernel (the GEMM copies its rows chunk by chunk)
             ups = [(t.to(x.dtype), (b * s).to(x.dtype).t().contiguous()) for t, b, s in zip(downs, b_s, s_s)]
             return tuple(base.folded_up(x, bases, ups))
         ys = base(x, bases, list(kernel))
         rows = tokens(xa)
         reduce = not needs_grad and rows is not None and rows <= REDUCE_MAX_ROWS
-        downs = _downs(xa, a_s, ranks, reduce)
+        downs = _downs(h, a_s, ranks, reduce)
         outs = []
-        for y, t, p, d, b, s, pol in zip(ys, downs, ps, decls, b_s, s_s, pols):
+        for y, t, p, b, s, pol in zip(ys, downs, ps, b_s, s_s, pols):
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
-            bias = p.get(d.bias) if d.bias is not None else None
+            bias = p.get(decl.bias) if decl.bias is not None else None
             outs.append(policy.add_output(pol, y, adapter_linear(t, b, bias, reduce=reduce) * s))
         return tuple(outs)
 

@@ -69,8 +69,8 @@ def unpack_int4pack_cpu_kn(packed: torch.Tensor, n: int, k: int, block_n: int) -
 
     Full blocks of `block_n` output rows store row d and row d + block_n/2 in the low/high nibble of one
     byte, k-major: as bytes, (N/block_n, K, block_n/2). All full blocks are unpacked by one expression, not
-    a loop per block (which made graphs of hundreds of nodes: a prefill graph took 80 s instead of 18 s to
-    compile); a tail block (N % block_n rows) stores rows 2d and 2d+1 together.
+    a loop per block (a graph of hundreds of nodes per site, which inductor compiles several times longer); a
+    tail block (N % block_n rows) stores rows 2d and 2d+1 together.
     """
     flat = packed.reshape(-1)
     full = n - n % block_n
