@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/run.py            # full: Llama hidden 1024 / intermediate 2816 / 4 layers / vocab 4096
     .venv/bin/python benchmarks/run.py --quick    # tiny sizes, few repeats (what tests/test_benchmarks.py runs)
+    python benchmarks/run.py --device cuda        # the GPU run: Llama-2-7B shapes, CUDA graphs (see run_cuda)
 
 Configurations (all bf16, LoRA r=16 alpha=32 on all 7 projections, 4-bit group 128 real gptqmodel/autoawq layers):
   peft_eager         PEFT on gptqmodel TorchLinear, eager
@@ -66,7 +67,7 @@ PROGRESS_BAR = __name__ == "__main__"  # the timed rounds' bar (stderr); off whe
 
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
             num_key_value_heads=16, vocab_size=4096)
-QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+QUICK = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=256)
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORKLOADS = ("decode", "prefill", "train")
@@ -289,12 +290,16 @@ class Workloads:
         with torch.no_grad():
             return cfg.call(self.prompt, use_cache=False).logits
 
+    def optimizer(self, cfg):
+        """One AdamW per configuration, made at its first train step (kept in `self.optimizers`)."""
+        if cfg.name not in self.optimizers:
+            params = [p for p in cfg.model.parameters() if p.requires_grad]
+            self.optimizers[cfg.name] = torch.optim.AdamW(params, lr=1e-4)
+        return self.optimizers[cfg.name]
+
     def train(self, cfg):
         self._mode(cfg, True)
-        opt = self.optimizers.get(cfg.name)
-        if opt is None:
-            params = [p for p in cfg.model.parameters() if p.requires_grad]
-            opt = self.optimizers[cfg.name] = torch.optim.AdamW(params, lr=1e-4)
+        opt = self.optimizer(cfg)
         loss = cfg.call(self.prompt, labels=self.prompt, use_cache=False).loss
         loss.backward()
         opt.step()
@@ -428,13 +433,7 @@ def run(args):
         "wall_seconds": time.perf_counter() - t_start,
         **extra,
     }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "latest.json").write_text(json.dumps(out, indent=1, default=str))
-    if not args.no_plot:
-        plot(out, out_dir / "latest.png")
-    print(table(out))
-    return out
+    return write_results(out, args, table)
 
 
 # ---- checks and reports ---------------------------------------------------------------------------------
@@ -650,6 +649,309 @@ def plot(out, path):
     plt.close(fig)
 
 
+# ---- the GPU run (--device cuda) ----------------------------------------------------------------------------
+# Llama-2-7B's shapes (4 of its 32 layers), 4-bit group-128 GPTQ TorchLinear, LoRA r=16 on all 7 projections,
+# bf16. Decode: one token after a StaticCache holding a 128-position prompt, written at the same position every
+# step (the CPU run crops a DynamicCache instead); compiled configurations decode with mode="reduce-overhead"
+# (CUDA graphs). Prefill 1 x 2048, train step 2 x 1024 (forward + loss + backward + AdamW + zero_grad), both
+# use_cache=False (on torch 2.11 a compiled forward that builds a DynamicCache fails in dynamo's guards). Every
+# sample is timed by CUDA events around back-to-back calls; peak memory is torch.cuda.max_memory_allocated over
+# one call after warm-up.
+
+CUDA_SIZES = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000)
+CUDA_CONFIGS = ["peft_eager", "peft_compiled", "dense_lora_compiled", "qpass", "qpass_base"]
+CUDA_SHAPES = {"full": {"decode": (1, 1), "prefill": (1, 2048), "train": (2, 1024)},
+               "quick": {"decode": (1, 1), "prefill": (1, 128), "train": (2, 64)}}
+CUDA_PROMPT = 128
+CUDA_DEVICE = "cuda"
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/run.py --device cuda: no CUDA device here (torch.cuda.is_available() is False, "
+                         f"torch {torch.__version__}); run it on a GPU machine (scripts/gpu-check.sh), or leave out "
+                         "--device cuda for the CPU run")
+
+
+_PACKED: dict = {}  # (projection, shape, group) -> packed buffers: every model of a run has the same seeded weights
+
+
+def gptq_rtn_buffers(weight, group: int) -> dict:
+    """4-bit GPTQ buffers (CPU) of `weight` (N, K), quantized as qpass.testing's `gptq_linear_from` does
+    (symmetric round-to-nearest against fp16 scales, groups in order; the same buffers bit for bit), rounded on
+    the weight's device and packed by the GPTQ layout's vectorised packer instead of gptqmodel's per-layer
+    `pack_block` (minutes for a 7B-shaped model on the CPU)."""
+    import types
+
+    from qpass.quant.gptqmodel import gptq_packed
+
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group, group)
+    amax = torch.maximum(w.amin(2).clamp(max=0).abs(), w.amax(2).clamp(min=0))
+    scales = (2 * amax / 15).clamp(min=1e-6).half()  # (N, G): stored as fp16, the codes rounded against those
+    codes = (torch.round(w / scales.float().unsqueeze(2)) + 8).clamp(0, 15).to(torch.int32).reshape(n, k).cpu()
+    zeros = torch.full((k // group, n), 8, dtype=torch.int32)  # symmetric: zero code 8, packed along N
+    return {"qweight": gptq_packed.pack_codes(types.SimpleNamespace(in_features=k, out_features=n), codes),
+            "qzeros": gptq_packed.pack_codes(types.SimpleNamespace(in_features=n, out_features=k // group), zeros).t(),
+            "scales": scales.t().cpu(), "g_idx": torch.arange(k, dtype=torch.int32) // group}
+
+
+def gptq_rtn_linear(name: str, linear, group: int):
+    """A gptqmodel TorchLinear on `linear`'s device holding `gptq_rtn_buffers` of its weight (made once per run)."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    from qpass.quant import normal_storage
+
+    n, k = linear.weight.shape
+    key = (name, n, k, group)
+    if key not in _PACKED:
+        _PACKED[key] = gptq_rtn_buffers(linear.weight, group)
+    q = TorchLinear(bits=4, group_size=group, sym=True, desc_act=False, in_features=k, out_features=n, bias=False)
+    with torch.no_grad():
+        for buffer, value in _PACKED[key].items():
+            getattr(q, buffer).copy_(value)
+    normal_storage(q)
+    q.post_init()
+    return q.eval().to(linear.weight.device)
+
+
+def cuda_model(kind: str, sizes: dict, group: int):
+    """The bf16 Llama built on the GPU ("dense"), or with its 7 projections per layer as 4-bit GPTQ ("gptq")."""
+    from qpass import testing
+
+    with torch.device(CUDA_DEVICE):
+        model = testing.build_llama(seed=0, dtype=DTYPE, **sizes)
+    if kind == "gptq":
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJ:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, gptq_rtn_linear(name, module, group).to(DTYPE))
+    model.config.use_cache = False
+    return model
+
+
+class CudaConfig(Config):
+    """A configuration on the GPU: `call` for prefill and training, `decode_call` for decode steps."""
+
+    def __init__(self, name, model, call, decode_call, **kw):
+        super().__init__(name, model, call, **kw)
+        self.decode_call = decode_call
+
+
+def cuda_configs(names, sizes, group, r):
+    import qpass
+
+    def compiled(model, mode=None):
+        return torch.compile(model, mode=mode)
+
+    cfgs = []
+    for name in names:
+        if name in ("peft_eager", "peft_compiled", "dense_lora_compiled"):
+            m = peft_wrap(cuda_model("dense" if name.startswith("dense") else "gptq", sizes, group), r)
+            randomize_lora(m)
+            if name == "peft_eager":
+                cfgs.append(CudaConfig(name, m, m, m, group="gptq"))
+            else:
+                cfgs.append(CudaConfig(name, m, compiled(m), compiled(m, "reduce-overhead"),
+                                       group="dense" if name.startswith("dense") else "gptq"))
+        elif name in ("qpass", "qpass_base"):
+            m = cuda_model("gptq", sizes, group)
+            qpass.prepare(m, qpass.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+            randomize_lora(m)
+            for site in m._qpass.sites.values():
+                site.disabled = name == "qpass_base"
+            opts = {"guard_filter_fn": qpass.guard_filter}  # as qpass.compile
+            cfgs.append(CudaConfig(name, m, torch.compile(m, backend=qpass.backend(), options=opts),
+                                   torch.compile(m, backend=qpass.backend(mode="reduce-overhead"), options=opts),
+                                   qpass_model=m, group="gptq",
+                                   workloads=("decode", "prefill") if name == "qpass_base" else WORKLOADS))
+        else:
+            raise SystemExit(f"unknown configuration {name!r} for --device cuda (one of {', '.join(CUDA_CONFIGS)})")
+    return cfgs
+
+
+class CudaWorkloads:
+    def __init__(self, vocab, shapes, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = {wl: torch.randint(0, vocab, shape, generator=g).to(CUDA_DEVICE) for wl, shape in shapes.items()}
+        self.prompt = torch.randint(0, vocab, (1, CUDA_PROMPT), generator=g).to(CUDA_DEVICE)
+        self.position = torch.tensor([CUDA_PROMPT], device=CUDA_DEVICE)
+        self.caches, self.optimizers = {}, {}
+
+    def decode(self, cfg):
+        from transformers import StaticCache
+
+        Workloads._mode(cfg, False)
+        with torch.no_grad():
+            if cfg.name not in self.caches:  # the prompt, eagerly: the cache's tensors are made outside any graph
+                cache = StaticCache(config=cfg.model.config, max_cache_len=CUDA_PROMPT + 1)
+                cfg.model(self.prompt, past_key_values=cache, use_cache=True)
+                self.caches[cfg.name] = cache
+            torch.compiler.cudagraph_mark_step_begin()
+            cache = self.caches[cfg.name]
+            logits = cfg.decode_call(self.ids["decode"], past_key_values=cache, cache_position=self.position,
+                                     use_cache=True).logits
+            if getattr(cache.layers[0], "cumulative_length", None) is not None:
+                cache.crop(-1)  # transformers 5.x counts the positions written: back to the prompt's
+            return logits
+
+    def prefill(self, cfg):
+        Workloads._mode(cfg, False)
+        with torch.no_grad():
+            return cfg.call(self.ids["prefill"], use_cache=False).logits
+
+    def train(self, cfg):
+        Workloads._mode(cfg, True)
+        opt = Workloads.optimizer(self, cfg)
+        ids = self.ids["train"]
+        loss = cfg.call(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+
+def cuda_time(fn, calls: int) -> float:
+    """ms per call: CUDA events around `calls` back-to-back calls."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def cuda_peak(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def cuda_warm(w, cfgs, workloads, results, warmup, min_sample_s) -> dict:
+    """First calls (compile), warm-up, calls per sample and peak memory per (config, workload)."""
+    calls = {}
+    for wl in workloads:
+        for c in (c for c in cfgs if wl in c.workloads):
+            graphs0, breaks0 = dynamo_counts()
+            t0 = time.perf_counter()
+            with Step(f"warm-up: first {wl} call of {c.name}", f"warm-up: first {wl} call of {c.name} done"):
+                getattr(w, wl)(c)
+                torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            warm = min(cuda_time(lambda: getattr(w, wl)(c), 1) for _ in range(max(1, warmup)))
+            graphs1, breaks1 = dynamo_counts()
+            calls[(c.name, wl)] = max(1, min(50, math.ceil(min_sample_s * 1e3 / max(warm, 1e-3))))
+            results[c.name].setdefault(wl, {}).update(
+                first_call_s=first, graphs=graphs1 - graphs0, graph_breaks=breaks1 - breaks0,
+                calls_per_sample=calls[(c.name, wl)], peak_memory_bytes=cuda_peak(lambda: getattr(w, wl)(c)))
+            print(f"  warm {wl:8s} {c.name:24s} first call {first:7.2f} s  graphs {graphs1 - graphs0} "
+                  f"breaks {breaks1 - breaks0}", flush=True)
+    return calls
+
+
+def cuda_targets(results) -> list:
+    out = []
+
+    def ratio(label, slow, fast, wl, goal):
+        a, b = _ms(results, slow, wl), _ms(results, fast, wl)
+        if a is not None and b is not None:
+            out.append({"target": label, "ratio": round(a / b, 3), "goal": goal, "met": bool(a / b >= goal),
+                        "baseline_ms": round(a, 3), "qpass_ms": round(b, 3)})
+
+    ratio("decode vs PEFT+compile (CUDA graphs both)", "peft_compiled", "qpass", "decode", 1.2)
+    ratio("decode vs PEFT eager", "peft_eager", "qpass", "decode", 10.0)
+    ratio("prefill vs PEFT eager", "peft_eager", "qpass", "prefill", 1.5)
+    ratio("prefill vs dense bf16 + LoRA compiled", "dense_lora_compiled", "qpass", "prefill", 1.0)
+    ratio("train step vs PEFT eager", "peft_eager", "qpass", "train", 1.3)
+    a, b = _ms(results, "qpass", "decode"), _ms(results, "qpass_base", "decode")
+    if a is not None and b is not None:
+        out.append({"target": "qpass LoRA within 10% of qpass base (decode)", "ratio": round(a / b, 3),
+                    "goal": "<= 1.10", "met": bool(a / b <= 1.10), "baseline_ms": round(b, 3), "qpass_ms": round(a, 3)})
+    q, p = results.get("qpass", {}).get("train", {}), results.get("peft_eager", {}).get("train", {})
+    if "peak_memory_bytes" in q and "peak_memory_bytes" in p:
+        r = q["peak_memory_bytes"] / p["peak_memory_bytes"]
+        out.append({"target": "train peak memory: qpass <= 1.1x PEFT eager", "ratio": round(r, 3), "goal": "<= 1.10",
+                    "met": bool(r <= 1.10), "baseline_bytes": p["peak_memory_bytes"],
+                    "qpass_bytes": q["peak_memory_bytes"]})
+    return out
+
+
+def cuda_table(out) -> str:
+    from tabulate import tabulate
+
+    rows = [[name] + [f"{r[wl]['peak_memory_bytes'] / 2**20:.0f}" if "peak_memory_bytes" in r.get(wl, {}) else "—"
+                      for wl in WORKLOADS] + [", ".join(r.get("lowerings", []))]
+            for name, r in out["results"].items()]
+    head = ["config", "decode peak MiB", "prefill peak MiB", "train peak MiB", "qpass lowerings"]
+    peaks = tabulate(rows, headers=head, tablefmt="github")
+    return table(out) + "\n\n" + peaks
+
+
+def run_cuda(args):
+    require_cuda()
+    sizes = QUICK if args.quick else CUDA_SIZES
+    shapes = CUDA_SHAPES["quick" if args.quick else "full"]
+    repeats = args.repeats or (3 if args.quick else 10)
+    names = args.configs.split(",") if args.configs else CUDA_CONFIGS
+    workloads = args.workloads.split(",") if args.workloads else list(WORKLOADS)
+    min_sample = (args.min_sample_ms if args.min_sample_ms is not None else 20.0) / 1e3
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    with Step(f"building {len(names)} models on the GPU", "built the models"):
+        cfgs = cuda_configs(names, sizes, 128, args.rank)
+    w = CudaWorkloads(sizes["vocab_size"], shapes)
+    results = {c.name: {"note": c.note, "group": c.group, "tensor_bytes": tensor_bytes(c.model)} for c in cfgs}
+    calls = cuda_warm(w, cfgs, workloads, results, args.warmup, min_sample)
+    times = {key: [] for key in calls}
+    for _ in tqdm(range(repeats), desc=f"timed: {repeats} interleaved rounds", disable=not PROGRESS_BAR):
+        for (name, wl), k in calls.items():
+            c = next(c for c in cfgs if c.name == name)
+            times[(name, wl)].append(cuda_time(lambda: getattr(w, wl)(c), k))
+    for (name, wl), ts in times.items():
+        med = statistics.median(ts)
+        entry = results[name][wl]
+        entry.update(median_ms=med, min_ms=min(ts), max_ms=max(ts), n=len(ts),
+                     compile_s=max(0.0, entry["first_call_s"] - med / 1e3))
+    for c in (c for c in cfgs if c.qpass_model is not None):
+        from qpass import lowering
+
+        sites = list(c.qpass_model._qpass.sites.values())
+        results[c.name]["repacked_bytes"] = lowering.repacked_bytes(sites)
+        bases = {row.base for row in c.qpass_model._qpass.report.rows if row.base}
+        results[c.name]["base_lowering"] = sorted(bases)
+        results[c.name]["lowerings"] = [n for n in lowering.LOWERINGS if any(lowering.label(n) in b for b in bases)]
+        results[c.name]["adapter_bytes"] = sum(p.numel() * p.element_size() for p in c.qpass_model.parameters()
+                                               if p.requires_grad)
+    out = {
+        "command": "benchmarks/run.py " + " ".join(sys.argv[1:]), "mode": "quick" if args.quick else "full",
+        "device": torch.cuda.get_device_name(0), "sizes": sizes, "shapes": shapes, "group_size": 128,
+        "lora_rank": args.rank, "dtype": str(DTYPE), "repeats": repeats, "min_sample_ms": min_sample * 1e3,
+        "environment": {"torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+                        "platform": platform.platform(), "loadavg_before": os.getloadavg(),
+                        "loadavg_after": os.getloadavg()},
+        "decode_method": f"1 token into a StaticCache holding {CUDA_PROMPT} prompt positions (same position each "
+                         "step); compiled configurations with mode='reduce-overhead' (CUDA graphs)",
+        "timing": "CUDA events around back-to-back calls; median of interleaved rounds",
+        "results": results, "targets": cuda_targets(results), "wall_seconds": time.perf_counter() - t_start,
+    }
+    return write_results(out, args, cuda_table)
+
+
+def write_results(out: dict, args, render) -> dict:
+    """`latest.json` (and `latest.png` unless --no-plot) in --out; prints `render(out)`, the results table."""
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(out, indent=1, default=str))
+    if not args.no_plot:
+        plot(out, out_dir / "latest.png")
+    print(render(out))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (the test runs this)")
@@ -665,8 +967,16 @@ def main(argv=None):
     p.add_argument("--kernels", action="store_true", help="also time the int4 kernel vs dense GEMMs per shape")
     p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--out", default=str(HERE / "results"))
-    return run(p.parse_args(argv))
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --device cuda: "
+                                                 "benchmarks/results/cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU run (Llama-2-7B-shaped model, CUDA graphs decode; see run_cuda)")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        args.out = args.out or str(HERE / "results" / "cuda")
+        return run_cuda(args)
+    args.out = args.out or str(HERE / "results")
+    return run(args)
 
 
 if __name__ == "__main__":

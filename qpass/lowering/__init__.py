@@ -11,12 +11,13 @@ A lowering is a registered object with
 | gemv-cpu      | qpass's C++ GEMV on the library's 4-bit buffers, adapters in the call | cpp.py         |
 | dequant-cpu   | qpass's C++ unpack into the activation dtype + GEMM, no copy kept     | cpp.py         |
 | int4pack-cpu  | aten's CPU int4 kernel on a repacked copy (or the layout held)        | int4pack.py    |
+| gemv-cuda     | qpass's Triton GEMV on the library's buffers, adapters in the call    | triton.py      |
 | int4pack-cuda | aten's tinygemm on a repacked copy                                    | int4pack.py    |
 | torch-dequant | plain-torch dequantize + matmul (`Layout.torch_forward`), any site     | torch_dequant.py |
 
 Around the base, `low_rank.py` builds the function the rewrite splices in: the spec's math for one site, or
 one down-projection for sibling low-rank adapters. Which layouts a kernel reads is the layout's answer
-(`Layout.cpp_family`, `int4_ok`), never a test of which layout it is. docs/design.md gives the reasons for
+(`Layout.cpp_family`, `gemv_packing`, `int4_ok`), never a test of which layout it is. docs/design.md gives the reasons for
 each rule.
 """
 
@@ -30,6 +31,7 @@ from .int4pack import GROUPS, Int4pack, codes_ok, codes_scales_zeros, pack, pack
 from .int4pack import fallback_reason as _int4_fallback_reason
 from .low_rank import fusable, lower_bases, lower_group, lower_site
 from .torch_dequant import TorchDequant, derived_for  # noqa: F401 (public)
+from .triton import GemvCuda
 
 # Switches, read when a graph is lowered (tests turn them off to compare with the separate form):
 # gemv-cpu takes each site's whole low-rank adapter into its kernel call (and reads it from the adapter pool);
@@ -73,7 +75,7 @@ def get(name: str):
     return _REGISTRY[name]
 
 
-for _builtin in (TorchDequant(), GemvCpu(), DequantCpu(), Int4pack("cpu"), Int4pack("cuda")):
+for _builtin in (TorchDequant(), GemvCpu(), DequantCpu(), Int4pack("cpu"), GemvCuda(), Int4pack("cuda")):
     register_lowering(_builtin)
 
 

@@ -147,6 +147,11 @@ class GptqPacked(Layout):
             return None
         return "gptq4" if torch.equal(named["g_idx"].long(), _canonical(info, named["g_idx"])) else None
 
+    def gemv_packing(self, info, named):
+        if info.bits != 4 or named["qweight"].dtype != torch.int32:
+            return None
+        return "gptq4" if torch.equal(named["g_idx"].long(), _canonical(info, named["g_idx"])) else "gptq4-g_idx"
+
     def pack_codes(self, info, codes_nk):
         """(K/8, N) int32: 8 input rows per word."""
         shifts = torch.arange(0, 32, 4, dtype=torch.int64)

@@ -57,6 +57,12 @@ class Layout:
         "int4pack", see qpass.lowering.cpp), or None."""
         return None
 
+    def gemv_packing(self, info, named: dict) -> Optional[str]:
+        """Which 4-bit packing these buffers hold as they are, on any device, for kernels that read it in place
+        (qpass's Triton gemv, qpass.lowering.triton): "gptq4" (GPTQ, groups in input order), "gptq4-g_idx" (GPTQ,
+        act-order: each row's group read through g_idx) or "awq4" (AutoAWQ's GEMM packing); None if neither."""
+        return None
+
     # ---- repacking -------------------------------------------------------------------------------------
 
     def pack_codes(self, info, codes_nk: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,9 @@ class AwqGemm(Layout):
         ok = info.bits == 4 and info.out_features % 16 == 0 and info.in_features % info.group == 0
         return "awq4" if ok and cpp_buffers_ok(named) else None
 
+    def gemv_packing(self, info, named):
+        return "awq4" if info.bits == 4 and named["qweight"].dtype == torch.int32 else None
+
     def pack_codes(self, info, codes_nk):
         """(K, N/8) int32: 8 output columns per word, in AutoAWQ's interleaved order."""
         shifts = torch.arange(0, 32, 4, dtype=torch.int64)
