@@ -27,11 +27,11 @@ if __name__ == "__main__":
 
 def main():
     torch.manual_seed(0)
-    # A Llama (hidden 256, 2 layers) whose 7 projections per layer are gptqmodel TorchLinear layers,
+    # A Llama (hidden 256, 1 decoder layer) whose 7 projections are gptqmodel TorchLinear layers,
     # 4-bit, group 64, packed by gptqmodel from round-to-nearest quantised weights.
     with Step("building a small GPTQ Llama (gptqmodel TorchLinear layers, 4-bit)", "built the model"):
         model = tiny_gptq_llama(
-            hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+            hidden_size=256, intermediate_size=512, num_attention_heads=8,
             num_key_value_heads=4, vocab_size=1024, bits=4, group_size=64,
         )
     config = qpass.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")

@@ -5,10 +5,10 @@ import transformers
 
 import qpass
 
-from conftest import LOGIT_TOL, input_ids, make_model as _make_model
+from conftest import LOGIT_TOL, SITES, input_ids, make_model as _make_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-N_SITES = 14
+N_SITES = SITES
 
 
 def eager_dequant(model):
@@ -21,8 +21,8 @@ def eager_dequant(model):
     return model
 
 
-def make_model(dtype=torch.float32):
-    return eager_dequant(_make_model(dtype))
+def make_model(dtype=torch.float32, **llama):
+    return eager_dequant(_make_model(dtype, **llama))
 
 
 def randomize(model, keys, seed=0, std=0.1, skip=()):

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny Llamas whose projections are real gptqmodel layers packed from real weights."""
 
+import inspect
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import qpass
-from qpass.testing import tiny_gptq_llama
+from qpass.testing import build_llama, tiny_gptq_llama
 
 # Tolerances per dtype for logits of the tiny model (|logit| ~ 1): bf16/fp16 differences come from
 # operation order (inductor fuses; PEFT runs op by op), fp32 from summation order only.
@@ -20,6 +21,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+# Decoder layers of qpass.testing's tiny Llamas (the tests build them with the default). One layer holds every
+# kind of site (q/k/v and gate/up siblings, o, down); a compile's cost grows with the layers, and compiles are
+# most of the suite's time. SITES: the quantized projections of such a model.
+LAYERS = inspect.signature(build_llama).parameters["num_hidden_layers"].default
+SITES = 7 * LAYERS
 
 
 def make_model(dtype=torch.float32, **kw):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 STEPS, GLOBAL_BATCH, SEQ = 3, 4, 12
+LAYERS = 2  # decoder layers, each sharded on its own (the usual FSDP2 recipe); one layer: README, Limits
 
 
 def batch(step):
@@ -31,7 +32,7 @@ def train(rank, world, out, mode):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = qpass.prepare(tiny_gptq_llama(), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian"))
+    model = qpass.prepare(tiny_gptq_llama(num_hidden_layers=LAYERS), qpass.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if world > 1 and mode == "ddp":

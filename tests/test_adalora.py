@@ -66,6 +66,8 @@ def _train(model, step_fn, steps, lr=0.2):
     return losses, patterns
 
 
+# the budget may prune a site to 0 ranks, and PEFT warns on saving such a (legitimately) empty lora_A / lora_B
+@pytest.mark.filterwarnings("ignore:Adapter 'default'. .* LoRA tensor.s. have invalid shape")
 def test_rank_allocation_training_matches_peft(dirs, tmp_path):
     path = str(dirs["alpha16"])
     # PEFT: its own loop (the regulariser is added inside forward; RankAllocator via update_and_allocate)
@@ -154,10 +156,10 @@ def test_config_errors_and_peft_config_objects():
     with pytest.raises(qpass.QpassError, match="target_r"):
         qpass.AdaLoraConfig(init_r=2, target_r=4, total_step=10)
     model = qpass.prepare(make_model(), peft.AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules=["v_proj"]))
-    slot = model.model.layers[1].self_attn.v_proj.qpass_adapters["default"]
+    slot = model.model.layers[0].self_attn.v_proj.qpass_adapters["default"]
     assert slot.get("lora_A").shape == (6, 64) and slot.get("lora_E").shape == (6, 1) and slot.get("lora_B").shape == (32, 6)
     assert torch.all(slot.get("lora_E") == 0) and slot.scaling.item() == 8 and slot.ranknum.item() == 6
     rows = [r for r in qpass.report(model).rows if r.adapter]
-    assert len(rows) == 2 and all(r.dtype_policy == "float32" and r.rank == 6 for r in rows)
+    assert len(rows) == N_SITES // 7 and all(r.dtype_policy == "float32" and r.rank == 6 for r in rows)  # v_proj per layer
     with pytest.raises(qpass.QpassError, match="AdaLoRA"):
         qpass.update_and_allocate(qpass.prepare(make_model(), qpass.LoraConfig(target_modules=["q_proj"])), 1)

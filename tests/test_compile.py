@@ -7,7 +7,7 @@ import qpass
 from qpass.ops import is_site_node
 from qpass.testing import build_llama
 
-from conftest import input_ids, make_model, randomize_adapters
+from conftest import LAYERS, input_ids, make_model, randomize_adapters
 
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
@@ -27,7 +27,7 @@ def test_no_graph_break_beyond_the_dense_model():
     assert prepared.graph_count == dense.graph_count
     # exactly one op node per targeted layer
     nodes = [n for g in prepared.graphs for n in g.graph.nodes if is_site_node(n)]
-    assert len(nodes) == 14
+    assert len(nodes) == 7 * LAYERS
 
 
 def test_each_targeted_layer_is_one_rewritten_site():
@@ -41,16 +41,16 @@ def test_each_targeted_layer_is_one_rewritten_site():
     compiled = torch.compile(model, backend=qpass.backend(inner))
     with torch.no_grad():
         compiled(input_ids())
-    # every quantized layer is a site (the 10 untargeted ones base only, so they do not break the graph); per
-    # layer q, o and down are one node each, and the untargeted siblings k+v and gate+up one C++ call each
+    # every quantized layer is a site (the 5 untargeted ones per layer base only, so they do not break the graph);
+    # per layer q, o and down are one node each, and the untargeted siblings k+v and gate+up one C++ call each
     names = [getattr(t, "__name__", "") for t in seen["targets"]]
-    assert sum(n.startswith("qpass_site_") for n in names) == 6
-    assert sorted(n for n in names if n.startswith("qpass_bases_")) == ["qpass_bases_gate_proj_up_proj"] * 2 + [
-        "qpass_bases_k_proj_v_proj"] * 2
+    assert sum(n.startswith("qpass_site_") for n in names) == 3 * LAYERS
+    assert sorted(n for n in names if n.startswith("qpass_bases_")) == ["qpass_bases_gate_proj_up_proj"] * LAYERS + [
+        "qpass_bases_k_proj_v_proj"] * LAYERS
     assert not any(t in (torch.ops.qpass.site, torch.ops.qpass.site.default) for t in seen["targets"])
     rows = qpass.report(compiled).rows
-    assert sum(r.status == "rewritten" for r in rows) == 4
-    assert sum(r.status == "rewritten (base only: not in target_modules)" for r in rows) == 10
+    assert sum(r.status == "rewritten" for r in rows) == 2 * LAYERS
+    assert sum(r.status == "rewritten (base only: not in target_modules)" for r in rows) == 5 * LAYERS
 
 
 def test_inner_eager_backend_agrees_with_eager():
@@ -79,7 +79,7 @@ def test_registered_backend_name_and_qpass_compile():
         out = b(ids).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-4)
     summary = qpass.report(b).summary()
-    assert summary["sites_rewritten"] == 14 and summary["graph_breaks"] == 0 and summary["graphs"] == 1
+    assert summary["sites_rewritten"] == 7 * LAYERS and summary["graph_breaks"] == 0 and summary["graphs"] == 1
     assert summary["backend"] == "qpass+inductor" and summary["compile_seconds"] > 0
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import qpass
 from qpass import pool, site as site_mod
+from qpass.log import import_autoawq_quietly
 from qpass.prepare import _site_forward
 from qpass.quant import layouts
 from qpass.quant.gptqmodel import gptq_packed
@@ -69,24 +70,24 @@ def _check_copy(original, copied):
         for name, slot in s.slots.items():
             assert slot.spec is original._qpass.sites[path].slots[name].spec
     assert not _adapter_ptrs(original) & _adapter_ptrs(copied)  # no adapter tensor shared
-    assert copied._qpass.pool is None and copied._qpass.pool_retired is None  # the copy builds its own pool
+    assert copied._qpass.pool.key is None and copied._qpass.pool.retired is None  # the copy builds its own pool
 
 
 def test_deepcopy_gives_an_equal_independent_prepared_model():
     ids = input_ids(batch=1, seq=6)
-    model = qpass.prepare(make_model(num_hidden_layers=1), _lora())
+    model = qpass.prepare(make_model(), _lora())
     _randomize(model)
     before = _logits(model, ids)
-    pooled = model._qpass.pool
+    pooled = model._qpass.pool.key
     assert pooled is not None
 
     copied = copy.deepcopy(model)
     torch.testing.assert_close(_logits(copied, ids), before, **EXACT)
     _check_copy(model, copied)
-    assert copied._qpass.pool_stale  # rebuilt at the copy's next compile
+    assert copied._qpass.pool.stale  # rebuilt at the copy's next compile
     # the copy's forwards hold its own swap lock (nn.Module's copy drops the call wrapper; qpass puts it back)
     assert copied.__dict__["_compiled_call_impl"]._qpass_locked and copied._qpass.lock is not model._qpass.lock
-    assert model._qpass.pool == pooled and all(pool.aliased(slot) for s in _sites(model) for slot in s.slots.values())
+    assert model._qpass.pool.key == pooled and all(pool.aliased(slot) for s in _sites(model) for slot in s.slots.values())
 
     # changing the copy's adapters leaves the original as it was, and vice versa (optimizer steps: the AWQ test)
     _randomize(copied, seed=3)
@@ -105,7 +106,7 @@ def test_deepcopy_gives_an_equal_independent_prepared_model():
 
 def test_the_copy_is_a_full_prepared_model(tmp_path):
     ids = input_ids(batch=1, seq=6)
-    model = qpass.prepare(make_model(num_hidden_layers=1), _lora())
+    model = qpass.prepare(make_model(), _lora())
     _randomize(model)
     before = _logits(model, ids)
     with qpass.disable_adapters(model):
@@ -155,11 +156,12 @@ COPIES = {
 @pytest.mark.parametrize("how", sorted(COPIES))
 @pytest.mark.parametrize("kind", ["lora", "oft"])
 def test_awq_model_round_trips(kind, how):
+    import_autoawq_quietly()  # first: a plain `import awq` issues its notice past every filter (pyproject.toml)
     pytest.importorskip("awq")
     from qpass.testing import tiny_awq_llama
 
     ids = input_ids(batch=1, seq=6)
-    model = qpass.prepare(tiny_awq_llama(num_hidden_layers=1), _lora() if kind == "lora" else _oft())
+    model = qpass.prepare(tiny_awq_llama(), _lora() if kind == "lora" else _oft())
     _randomize(model)
     before = _logits(model, ids)
     copied = COPIES[how](model)
@@ -175,7 +177,7 @@ def test_awq_model_round_trips(kind, how):
 
 
 def test_quant_info_pickles_its_layout_by_name():
-    model = qpass.prepare(make_model(num_hidden_layers=1), _lora())
+    model = qpass.prepare(make_model(), _lora())
     info = _sites(model)[0].info
     assert info.layout is gptq_packed
     loaded = pickle.loads(pickle.dumps(info))
@@ -185,7 +187,7 @@ def test_quant_info_pickles_its_layout_by_name():
 
 def test_int4pack_layout_deepcopies_with_its_own_train_and_state_dict():
     ids = input_ids(batch=1, seq=6)
-    model = qpass.prepare(make_model(torch.bfloat16, num_hidden_layers=1).to(torch.bfloat16), _lora(),
+    model = qpass.prepare(make_model(torch.bfloat16).to(torch.bfloat16), _lora(),
                           base_layout="int4pack")
     _randomize(model)
     before = _logits(model, ids)
@@ -206,7 +208,7 @@ def test_int4pack_layout_deepcopies_with_its_own_train_and_state_dict():
 
 def test_qpass_compiled_model_deepcopies_as_the_prepared_model_and_recompiles():
     ids = input_ids(batch=1, seq=6)
-    model = qpass.compile(make_model(num_hidden_layers=1), _lora(), inner="aot_eager")
+    model = qpass.compile(make_model(), _lora(), inner="aot_eager")
     _randomize(model)
     eager = model.forward(ids).logits.detach()  # the prepared model, not compiled
     compiled = _logits(model, ids)
@@ -226,7 +228,7 @@ def test_qpass_compiled_model_deepcopies_as_the_prepared_model_and_recompiles():
     copied.compile(backend=qpass.backend("aot_eager"), options={"guard_filter_fn": qpass.guard_filter})
     torch.testing.assert_close(_logits(copied, ids), compiled, rtol=0, atol=1e-6)
     assert qpass.report(copied).stats.graphs > graphs and stats.graphs == graphs
-    assert copied._qpass.pool is not None and copied._qpass.pool != model._qpass.pool
+    assert copied._qpass.pool.key is not None and copied._qpass.pool.key != model._qpass.pool.key
     assert not _adapter_ptrs(model) & _adapter_ptrs(copied)
     torch.testing.assert_close(_logits(model, ids), compiled, **EXACT)
 
@@ -237,13 +239,13 @@ class _StateWithLock(QpassState):
 
 
 def test_state_gets_fresh_locks_and_defaults_on_load():
-    state = _StateWithLock(sites={}, configs={}, report=None, pool="7", pool_retired="6")
+    state = _StateWithLock(sites={}, configs={}, report=None, pool=pool.PoolState(key="7", retired="6"))
     loaded = pickle.loads(pickle.dumps(state))
     assert isinstance(loaded.guard, type(threading.RLock())) and loaded.guard is not state.guard
-    assert (loaded.pool, loaded.pool_retired, loaded.pool_stale) == (None, None, True)
-    assert (state.pool, state.pool_retired, state.pool_stale) == ("7", "6", False)  # the original untouched
+    assert (loaded.pool.key, loaded.pool.retired, loaded.pool.stale) == (None, None, True)
+    assert (state.pool.key, state.pool.retired, state.pool.stale) == ("7", "6", False)  # the original untouched
     assert copy.deepcopy(state).guard is not state.guard
     old = {"sites": {}, "configs": {}, "report": None}  # a pickle from before fields were added: their defaults
     fresh = QpassState.__new__(QpassState)
     fresh.__setstate__(old)
-    assert fresh.graph_keys == set() and fresh.pool_stale is False and fresh.adapter_dtype == torch.float32
+    assert fresh.graph_keys == set() and fresh.pool.stale is False and fresh.adapter_dtype == torch.float32

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from ddp_train import LAYERS
+
 HERE = os.path.dirname(__file__)
 TOL = 1e-5  # fp32; measured difference ~7e-8 (gradient all-reduce order)
 
@@ -31,7 +33,7 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("mode, port", [("ddp", "29611"), ("fsdp2", "29622")])
 def test_data_parallel_equals_single_process(tmp_path, single, mode, port):
     result = _run(tmp_path, mode, "--world", "2", "--mode", mode, "--port", port)
-    assert result["state"].keys() == single["state"].keys() and len(single["state"]) == 28
+    assert result["state"].keys() == single["state"].keys() and len(single["state"]) == 2 * 7 * LAYERS  # A and B per site
     moved = max((v - single["state"][k]).abs().max().item() for k, v in result["state"].items())
     assert moved <= TOL, f"{mode}: adapters differ from single-process training by {moved:.3g}"
     # and training moved them (the comparison is not between untouched initial values)

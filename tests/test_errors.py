@@ -8,9 +8,14 @@ import torch
 import qpass
 from qpass.errors import AdapterLoadError, QpassError
 
-from conftest import make_model
+from conftest import make_model as tiny_llama
 
 peft = pytest.importorskip("peft")
+
+
+def make_model(*args, **llama):
+    """Two decoder layers: messages name modules of layer 1 and refuse a layer beyond it."""
+    return tiny_llama(*args, **{"num_hidden_layers": 2, **llama})
 
 
 def snapshot(model):

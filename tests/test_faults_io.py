@@ -30,7 +30,7 @@ EXACT = 1e-6  # fp32, same weights, same eager path: the logits agree to roundin
 
 
 def small():
-    return make_model(num_hidden_layers=1)
+    return make_model()
 
 
 def prepared(r=4, seed=0, targets=("q_proj", "v_proj")):
@@ -168,7 +168,7 @@ def test_failed_save_quantized_leaves_the_old_checkpoint_intact(tmp_path, monkey
     assert "model.safetensors" in before
 
     exc, kind = FAILURES[failure]
-    other = make_model(num_hidden_layers=1, seed=1)
+    other = make_model(seed=1)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", failing_save_file(exc))
     with pytest.raises(kind):
         qpass.save_quantized(other, target)
@@ -196,7 +196,7 @@ def test_save_quantized_onto_a_file_names_the_path(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_layers():
-    return make_model()
+    return make_model(num_hidden_layers=2)
 
 
 def _refused(model, cfg, pattern):

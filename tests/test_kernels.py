@@ -26,7 +26,7 @@ from qpass.quant.packing import int4pack_block_n
 from qpass.quant.gptqmodel import dequantize
 from qpass.testing import awq_linear_from, gptq_linear_from, tiny_awq_llama
 
-from conftest import LOGIT_TOL, adapter_grads, bases as report_bases, eager_and_compiled, input_ids, make_model, randomize_adapters
+from conftest import LOGIT_TOL, SITES, adapter_grads, bases as report_bases, eager_and_compiled, input_ids, make_model, randomize_adapters
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.unavailable_reason()}")
 
@@ -262,7 +262,7 @@ def test_compiled_decode_through_the_kernel_keeps_no_copy(layout, dtype, targets
     randomize_adapters(model)
     ref, out, bases, _ = eager_and_compiled(model, input_ids(batch=1, seq=1))
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
-    assert len(bases) == 14 and all(b.startswith("gemv-cpu (library layout, no copy)") for b in bases), bases
+    assert len(bases) == SITES and all(b.startswith("gemv-cpu (library layout, no copy)") for b in bases), bases
     assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0
 
 
@@ -447,7 +447,7 @@ def test_compiled_prefill_and_training_through_the_gemm(dtype):
     ids = input_ids(batch=2, seq=24)
     ref, out, bases, _ = eager_and_compiled(model, ids)
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[dtype])
-    assert len(bases) == 14 and all(b.startswith("dequant-cpu") for b in bases), bases
+    assert len(bases) == SITES and all(b.startswith("dequant-cpu") for b in bases), bases
     ref_grads = adapter_grads(model, model, ids)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=qpass.backend("inductor"))
@@ -595,7 +595,7 @@ def test_compiled_prefill_and_training_of_other_layouts_through_the_gemm(kind):
     ref_grads = adapter_grads(model, model, ids)
     grads = adapter_grads(compiled, model, ids)
     bases = report_bases(compiled)
-    assert len(bases) == 14 and all("dequant-cpu" in b for b in bases), bases
+    assert len(bases) == SITES and all("dequant-cpu" in b for b in bases), bases
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
     for grad, g in zip(grads, ref_grads):
         torch.testing.assert_close(grad, g, rtol=tol, atol=tol * g.abs().max().item())

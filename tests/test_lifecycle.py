@@ -31,7 +31,7 @@ def _tiny():
     """The tiny Llama with 1 decoder layer (every kind of site, the cheapest compiles), and gptqmodel's
     per-instance torch.compile of its dequantize dropped, so eager references (PEFT's, qpass's) run the library's
     math op by op instead of compiling it per test and shape."""
-    return eager_dequant(make_model(num_hidden_layers=1))
+    return eager_dequant(make_model())
 
 
 def _save(model, path) -> str:
@@ -218,7 +218,7 @@ def _tiny_peft_adalora():
 
     from qpass.testing import build_llama, quantize_gptq
 
-    model = quantize_gptq(build_llama(num_hidden_layers=1), cls=TorchAtenLinear)
+    model = quantize_gptq(build_llama(), cls=TorchAtenLinear)
     for module in model.modules():
         if isinstance(module, TorchAtenLinear):
             module.linear_mode = "train"  # no repack into its own layout on a forward
@@ -301,7 +301,7 @@ def test_rig_compiles_every_kind_onto_the_cpp_lowerings(rig):
     assert rig["pooled_calls"] > 0, "the decode step did not read LoRA from the adapter pool"
     state = model._qpass
     lora_slots = [state.sites[f"model.layers.0.self_attn.{p}_proj"].slots["lora"] for p in "qkv"]
-    assert state.pool is not None and all(pool.aliased(s) for s in lora_slots)
+    assert state.pool.key is not None and all(pool.aliased(s) for s in lora_slots)
     summary = qpass.report(model).summary()
     assert (summary["graphs"], summary["recompiles"], summary["graph_breaks"]) == (2, 1, 0)  # prefill, then decode
     for got, want, shape, tol in zip(rig["out_a"], _eager_reference(rig, {}), ("prefill", "decode"), (TOL, DECODE_TOL)):
@@ -333,7 +333,7 @@ def test_hotswap_every_kind_compiled_equals_a_fresh_model(rig, name):
     assert all(torch.equal(b, a) for b, a in zip(back, rig["out_a"])), f"{name}: swapping back to A must restore A"
     assert (stats.graphs, stats.recompiles) == counts
     state = model._qpass
-    assert state.pool is not None and all(pool.aliased(state.sites[f"model.layers.0.self_attn.{p}_proj"].slots["lora"])
+    assert state.pool.key is not None and all(pool.aliased(state.sites[f"model.layers.0.self_attn.{p}_proj"].slots["lora"])
                                           for p in "qkv")
 
 

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 import qpass
 
 from adapter_parity import assert_close, make_model as eager_model, max_rel, randomize, sgd_updates
-from conftest import LOGIT_TOL, input_ids, make_model
+from conftest import LAYERS, LOGIT_TOL, SITES, input_ids, make_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
@@ -72,7 +72,7 @@ def test_logits_match_peft(adapter_dirs, dtype, variant):
     with torch.no_grad():
         out = compiled(ids).logits
     _close(out, ref, dtype)
-    assert qpass.report(compiled).summary()["sites_rewritten"] == 14
+    assert qpass.report(compiled).summary()["sites_rewritten"] == SITES
 
 
 def test_one_optimizer_step_matches_peft(adapter_dirs):
@@ -84,7 +84,7 @@ def test_one_optimizer_step_matches_peft(adapter_dirs):
     ref = sgd_updates(peft.PeftModel.from_pretrained(make_model(dtype), path, is_trainable=True), ids, labels)
     model = qpass.prepare(make_model(dtype), path)
     ours = sgd_updates(torch.compile(model, backend=qpass.backend("inductor")), ids, labels)
-    assert set(ours) == set(ref) and len(ref) == 14 * 3
+    assert set(ours) == set(ref) and len(ref) == SITES * 3
     assert all(u.norm() > 0 for u in ref.values()), "every adapter tensor must move"
     assert max_rel(ours, ref) < 1e-3
 
@@ -135,6 +135,6 @@ def test_peft_config_object_is_accepted():
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True)
     model = qpass.prepare(make_model(), cfg)
     rows = [r for r in qpass.report(model).rows if r.adapter]
-    assert len(rows) == 2 and all(r.rank == 2 for r in rows)
+    assert len(rows) == LAYERS and all(r.rank == 2 for r in rows)
     slot = model.model.layers[0].self_attn.q_proj.qpass_adapters["default"]
     assert slot.scaling.item() == pytest.approx(4 / 2**0.5)

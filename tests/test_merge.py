@@ -187,11 +187,11 @@ def test_merge_refuses_awq_layers_by_name_and_leaves_the_model_as_it_was(library
     if library == "autoawq":
         if importlib.util.find_spec("awq") is None:  # not importorskip: qpass.testing imports it without its notice
             pytest.skip("autoawq is not installed")
-        base = tiny_awq_llama(num_hidden_layers=1)
+        base = tiny_awq_llama()
     else:
         from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 
-        base = tiny_awq_llama(num_hidden_layers=1, cls=AwqTorchLinear)
+        base = tiny_awq_llama(cls=AwqTorchLinear)
     cls_name = type(base.model.layers[0].self_attn.q_proj).__name__
     model = qpass.prepare(base, qpass.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
     randomize_adapters(model, std=0.1)

@@ -19,17 +19,12 @@ import transformers
 
 import qpass
 
-from adapter_parity import ALL, eager_dequant
-from conftest import LOGIT_TOL, adapter_grads, input_ids, randomize_adapters
+from adapter_parity import ALL, N_SITES, eager_dequant, make_model
+from conftest import SITES, LOGIT_TOL, adapter_grads, input_ids, randomize_adapters
 from qpass.testing import tiny_gptq_llama
 
 CFG = dict(r=4, lora_alpha=8, target_modules=ALL)
 TOL = LOGIT_TOL[torch.float32]
-N_SITES = 7  # one decoder layer: each compile here costs inductor's time for one layer's graph, not two
-
-
-def make_model():
-    return eager_dequant(tiny_gptq_llama(num_hidden_layers=1))
 
 
 def _prepared(seed=0):
@@ -142,7 +137,7 @@ def _lora_b_all_trained(model):
 
 
 def _base_untouched(model):
-    fresh = tiny_gptq_llama(num_hidden_layers=1).state_dict()
+    fresh = tiny_gptq_llama().state_dict()
     ours = {k: v for k, v in model.state_dict().items() if "qpass_adapters" not in k}
     return ours.keys() == fresh.keys() and all(torch.equal(ours[k], fresh[k]) for k in fresh)
 
@@ -152,7 +147,7 @@ def test_trainer_example_torch_compile_true(tmp_path):
     """examples/trainer.py: TrainingArguments(torch_compile=True), default arguments otherwise: Trainer
     (accelerate) compiles the prepared model itself, and the rewrite happens inside that compile."""
     main = runpy.run_path(str(EXAMPLES / "trainer.py"), run_name="trainer_example")["main"]
-    model = main(str(tmp_path), steps=3, num_hidden_layers=1)
+    model = main(str(tmp_path), steps=3)
     assert _lora_b_all_trained(model) and _base_untouched(model)
     _assert_rewritten(model)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -182,10 +177,10 @@ def test_generate_example_gives_peft_tokens(tmp_path):
     import peft
 
     example = runpy.run_path(str(EXAMPLES / "generate.py"), run_name="generate_example")
-    out = example["main"](new_tokens=20, num_hidden_layers=1)
+    out = example["main"](new_tokens=20)
     model, static_model = out["model"], out["static_model"]
     qpass.save_adapter(model, tmp_path / "adapter")
-    base, _ = example["build"](num_hidden_layers=1)
+    base, _ = example["build"]()
     ref = peft.PeftModel.from_pretrained(eager_dequant(base), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         tokens = ref.generate(out["ids"], max_new_tokens=20, do_sample=False, pad_token_id=0)

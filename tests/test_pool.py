@@ -10,7 +10,7 @@ from torch import nn
 import qpass
 from qpass import kernels, pool
 
-from conftest import LOGIT_TOL, input_ids, make_model, randomize_adapters
+from conftest import LOGIT_TOL, SITES, input_ids, make_model, randomize_adapters
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels not built: {kernels.unavailable_reason()}")
 
@@ -47,9 +47,9 @@ def _step(compiled, model, ids):
 def test_one_pool_holds_every_lora_tensor_and_a_compiled_step_reads_it(monkeypatch):
     model = _model()
     state = model._qpass
-    found = pool.get(state.pool)
+    found = pool.get(state.pool.key)
     tensors = _lora_tensors(model)
-    assert len(tensors) == 14 * 3
+    assert len(tensors) == SITES * 3
     shared = {found.data.untyped_storage().data_ptr(), found.scalings.untyped_storage().data_ptr()}
     assert {t.untyped_storage().data_ptr() for t in tensors} == shared
     assert all(t.data_ptr() % 16 == 0 for t in tensors)  # inductor assumes 16-byte aligned inputs
@@ -61,7 +61,7 @@ def test_one_pool_holds_every_lora_tensor_and_a_compiled_step_reads_it(monkeypat
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL)
     # the same step on the slots' own tensors (the pool dropped): the same arithmetic, bit for bit
     pool.drop(state)
-    assert state.pool is None and found.key not in pool._POOLS
+    assert state.pool.key is None and found.key not in pool._POOLS
     torch._dynamo.reset()
     calls.clear()
     apart, _ = _step(torch.compile(model, backend=qpass.backend()), model, ids)
@@ -93,18 +93,18 @@ def test_moving_the_adapters_turns_the_pool_off_then_rebuilds_it(monkeypatch):
     ids = input_ids(batch=1, seq=1)
     _step(compiled, model, ids)
     model.to(torch.device("cpu"), torch.float32)  # nothing moves: the pool stays on
-    assert all(site.pool == state.pool for site in state.sites.values()) and not state.pool_stale
+    assert all(site.pool == state.pool.key for site in state.sites.values()) and not state.pool.stale
     for site in state.sites.values():
         for slot in site.slots.values():  # A and B to bfloat16 (the scalings stay float32)
             slot.lora_A.to(torch.bfloat16)
             slot.lora_B.to(torch.bfloat16)
-    assert state.pool_stale and all(site.pool is None for site in state.sites.values())
+    assert state.pool.stale and all(site.pool is None for site in state.sites.values())
     calls = _count_pooled_calls(monkeypatch)
     out, ref = _step(compiled, model, ids)  # retraced onto the slots' own (bfloat16) tensors; the pool rebuilt
     assert not calls
     # bfloat16 adapters: the kernel multiplies them in float32, eager rounds t and the delta to bfloat16
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.bfloat16])
-    assert pool.get(state.pool).data.dtype == torch.bfloat16 and not state.pool_stale
+    assert pool.get(state.pool.key).data.dtype == torch.bfloat16 and not state.pool.stale
     again, _ = _step(compiled, model, ids)  # retraced onto the new pool
     assert calls and torch.equal(again, out)
 
@@ -128,9 +128,9 @@ def test_a_tensor_put_in_place_of_a_pooled_one_is_what_the_compiled_step_reads(h
         torch._dynamo.reset()
     slot = model.model.layers[0].mlp.down_proj.qpass_adapters["default"]
     if how.startswith("p.data"):
-        assert not pool.aliased(slot) and model._qpass.pool is not None  # unseen until the compile
+        assert not pool.aliased(slot) and model._qpass.pool.key is not None  # unseen until the compile
     else:
-        assert model._qpass.pool_stale and all(site.pool is None for site in model._qpass.sites.values())
+        assert model._qpass.pool.stale and all(site.pool is None for site in model._qpass.sites.values())
     out, ref = _step(compiled, model, ids)
     assert (out - before).abs().max() > 1e-3
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL)
@@ -159,5 +159,5 @@ def test_another_backend_runs_the_pooled_op_as_it_is(monkeypatch):
     expanded, real = [], pool.expand
     monkeypatch.setattr(pool, "expand", lambda slots, adapter: expanded.append(1) or real(slots, adapter))
     out, ref = _step(torch.compile(model, backend="aot_eager"), model, input_ids(batch=1, seq=1))
-    assert len(expanded) >= 14
+    assert len(expanded) >= SITES
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL)

@@ -13,7 +13,7 @@ import qpass
 from qpass import quant
 from qpass.quant.layout import add_bias, named
 
-from conftest import LOGIT_TOL, bases, input_ids, make_model, randomize_adapters
+from conftest import LOGIT_TOL, SITES, bases, input_ids, make_model, randomize_adapters
 
 
 class RowInt8Linear(nn.Module):
@@ -86,7 +86,7 @@ def test_a_registered_library_is_prepared_compiled_and_reported():
         plain = model(ids).logits
     model = qpass.prepare(model, qpass.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     sites = model._qpass.sites
-    assert len(sites) == 14 and all(s.info.layout is ROW_INT8 for s in sites.values())
+    assert len(sites) == SITES and all(s.info.layout is ROW_INT8 for s in sites.values())
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0)  # B = 0: the library's own forward
     randomize_adapters(model)

@@ -10,7 +10,13 @@ from torch import nn
 import qpass
 from qpass import lowering
 from qpass.report import Report, Row
-from conftest import input_ids, make_model
+from conftest import input_ids, make_model as tiny_llama
+
+
+def make_model(*args, **llama):
+    """Two decoder layers: the report shortens paths to what follows their common prefix, model.layers."""
+    return tiny_llama(*args, **{"num_hidden_layers": 2, **llama})
+
 
 WIDTH = 160
 DEQ = "dequant-cpu (C++ unpack + GEMM, no copy)"

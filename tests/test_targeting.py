@@ -25,10 +25,13 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 import qpass  # noqa: E402
 from qpass.errors import QpassError  # noqa: E402
 
-from adapter_parity import ALL, N_SITES, eager_dequant, make_model, max_err, randomize, trainable  # noqa: E402
+from adapter_parity import ALL, eager_dequant, make_model, max_err, randomize, trainable  # noqa: E402
 from conftest import LOGIT_TOL, input_ids  # noqa: E402
 
 F32 = torch.float32
+# Two decoder layers: layers_to_transform, layer-indexed patterns and exclusions need a layer 1 to tell apart.
+LAYERS = 2
+N_SITES = 7 * LAYERS
 
 
 _BASES: dict = {}
@@ -39,13 +42,13 @@ def built(lib="gptq", dtype=F32):
     AwqLoraLinear), built once per (lib, dtype); tests adapt deep copies of it (packing costs ~0.6 s)."""
     if (lib, dtype) not in _BASES:
         if lib == "gptq":
-            _BASES[lib, dtype] = make_model(dtype)
+            _BASES[lib, dtype] = make_model(dtype, num_hidden_layers=LAYERS)
         else:
             from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 
             from qpass.testing import tiny_awq_llama
 
-            _BASES[lib, dtype] = eager_dequant(tiny_awq_llama(dtype=dtype, cls=AwqTorchLinear))
+            _BASES[lib, dtype] = eager_dequant(tiny_awq_llama(dtype=dtype, cls=AwqTorchLinear, num_hidden_layers=LAYERS))
     return _BASES[lib, dtype]
 
 

@@ -2,7 +2,7 @@
 benchmarks (`qpass.testing.toy`), and the small real checkpoint of `python -m qpass demo-checkpoint`.
 
     from qpass.testing import tiny_gptq_llama
-    model = tiny_gptq_llama()   # a 2-layer Llama whose 14 projections are gptqmodel TorchLinear layers
+    model = tiny_gptq_llama()   # a 1-decoder-layer Llama whose 7 projections are gptqmodel TorchLinear layers
 """
 
 from .toy import (

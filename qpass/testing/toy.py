@@ -26,7 +26,7 @@ def build_llama(
     *,
     hidden_size: int = 64,
     intermediate_size: int = 128,
-    num_hidden_layers: int = 2,
+    num_hidden_layers: int = 1,
     num_attention_heads: int = 4,
     num_key_value_heads: int = 2,
     vocab_size: int = 256,
