@@ -12,12 +12,23 @@ import sys
 
 
 def session_checkpoints(tmp_path_factory, methods=("gptq", "awq")) -> dict:
-    """method -> checkpoint dir, built once per pytest session (shared by every test module that asks)."""
-    import subprocess
+    """method -> checkpoint dir, built once per pytest run and shared by every test module that asks; under
+    pytest-xdist by every worker too (the workers' common temporary folder, one builder at a time)."""
     from pathlib import Path
 
-    root = Path(tmp_path_factory.getbasetemp()) / "qpass-checkpoints"
+    from filelock import FileLock
+
+    base = Path(tmp_path_factory.getbasetemp())
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "qpass-checkpoints"
     root.mkdir(exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        _build_missing(root, methods)
+    return {m: root / m for m in methods}
+
+
+def _build_missing(root, methods) -> None:
+    import subprocess
+
     todo = [m for m in methods if not (root / m / "config.json").is_file()]
     # gptqmodel 7.7 on a 2-core machine: `Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only
     # has 1` unless GPTQMODEL_CPU_WORKERS=2 (write_demo_checkpoint sets it too)
@@ -28,7 +39,6 @@ def session_checkpoints(tmp_path_factory, methods=("gptq", "awq")) -> dict:
         _, err = proc.communicate(timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"quantizing the {m} checkpoint with gptqmodel failed:\n{err[-3000:]}")
-    return {m: root / m for m in methods}
 
 
 if __name__ == "__main__":
