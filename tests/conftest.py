@@ -16,13 +16,6 @@ from qpass.testing import build_llama, tiny_gptq_llama
 LOGIT_TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
-def pytest_collection_modifyitems(items):
-    """Files holding a slow test run first (the order within each group kept): with `-n 2 --dist loadfile` a long
-    file handed out last keeps one worker busy while the other has nothing left to do."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
