@@ -66,6 +66,16 @@ def mm_counting_backend(counts: list):
     return aot_autograd(fw_compiler=fw)
 
 
+def eager_and_counted(model, ids):
+    """One forward without gradients, eager and compiled through `mm_counting_backend`: (eager logits, compiled
+    logits, the GEMMs of each forward graph)."""
+    counts = []
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=qpass.backend(mm_counting_backend(counts)))(ids).logits
+    return ref, out, counts
+
+
 def eager_and_compiled(model, ids, inner="inductor"):
     """One forward without gradients through eager qpass and through torch.compile with qpass's backend:
     (eager logits, compiled logits, both as float32; the compiled model's `bases`; the compiled model)."""

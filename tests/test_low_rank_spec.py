@@ -15,7 +15,7 @@ import qpass
 from qpass import kernels
 from qpass.spec import LowRank
 
-from conftest import LAYERS, LOGIT_TOL, SITES, bases as _bases, input_ids, make_model, mm_counting_backend, randomize_adapters
+from conftest import LAYERS, LOGIT_TOL, SITES, bases as _bases, eager_and_counted, input_ids, make_model, randomize_adapters
 
 
 @qpass.register_config
@@ -64,10 +64,7 @@ def _prepared(seed=0, **cfg):
 def test_a_declared_low_rank_spec_gets_the_fused_kernels(seq, kernel):
     model = _prepared()
     ids = input_ids(batch=1, seq=seq)
-    counts = []
-    with torch.no_grad():
-        ref = model(ids).logits  # eager: the spec's own compute around the library's kernel
-        out = torch.compile(model, backend=qpass.backend(mm_counting_backend(counts)))(ids).logits
+    ref, out, counts = eager_and_counted(model, ids)  # eager: the spec's compute around the library's kernel
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
     bases = _bases(model)
     assert len(bases) == SITES and all(b.startswith(kernel) for b in bases), bases

@@ -11,7 +11,7 @@ import qpass
 from qpass import kernels, lowering
 from qpass.lowering.cpp import CppBase
 
-from conftest import LAYERS, LOGIT_TOL, SITES, bases as _bases, input_ids, make_model, mm_counting_backend, randomize_adapters
+from conftest import LAYERS, LOGIT_TOL, SITES, bases as _bases, eager_and_counted, input_ids, make_model, randomize_adapters
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 ALL = QKV + ["o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,10 +91,7 @@ def test_every_fused_form_equals_the_spec_s_compute(kind, dtype, monkeypatch):
 def _compiled_step(kind, seq):
     model = _prepared(kind, ALL)
     ids = input_ids(batch=1, seq=seq)
-    counts = []
-    with torch.no_grad():
-        ref = model(ids).logits  # eager: the spec's compute around the library's kernel
-        out = torch.compile(model, backend=qpass.backend(mm_counting_backend(counts)))(ids).logits
+    ref, out, counts = eager_and_counted(model, ids)  # eager: the spec's compute around the library's kernel
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
     bases = _bases(model)
     assert sum("fused q_proj+k_proj+v_proj" in b for b in bases) == 3 * LAYERS, bases

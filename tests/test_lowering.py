@@ -9,7 +9,7 @@ import qpass
 from qpass import kernels, lowering
 from qpass.testing import tiny_awq_llama
 
-from conftest import LAYERS, LOGIT_TOL, SITES, bases as _bases, eager_and_compiled, input_ids, make_model, mm_counting_backend, randomize_adapters
+from conftest import LAYERS, LOGIT_TOL, SITES, bases as _bases, eager_and_compiled, eager_and_counted, input_ids, make_model, randomize_adapters
 
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
@@ -147,10 +147,7 @@ def test_decode_step_lora_runs_without_gemm_calls_and_matches_eager_fp32(gemv_lo
     # (qpass.pool) inductor runs some of these tiny GEMMs as its own loops, so fewer would be counted
     qpass.pool.drop(model._qpass)
     ids = input_ids(batch=1, seq=seq)
-    counts = []
-    with torch.no_grad():
-        ref = model(ids).logits
-        out = torch.compile(model, backend=qpass.backend(mm_counting_backend(counts)))(ids).logits
+    ref, out, counts = eager_and_counted(model, ids)  # eager: the spec's compute around the library's kernel
     torch.testing.assert_close(out, ref, rtol=0, atol=LOGIT_TOL[torch.float32])
     bases = _bases(model)
     assert sum("fused" in b for b in bases) == 5 * LAYERS and len(bases) == SITES, bases
