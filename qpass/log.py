@@ -28,7 +28,8 @@ import warnings
 logger = logging.getLogger("qpass")
 logger.addHandler(logging.NullHandler())
 
-HEARTBEAT_S = 8.0  # a `<what>… N s` line after this many seconds without a qpass line, while a step runs
+HEARTBEAT_S = 5.0  # a `<what>… N s` line after this many seconds without a qpass line, while a step runs
+# (the promise is a line at least every 10 s; a process busy in C code may hold the GIL for a few seconds more)
 
 _lock = threading.Lock()
 _active: list = []  # the steps running now, innermost last

@@ -8,17 +8,17 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-say() { echo "$(date +%H:%M:%S) setup: $*"; }  # a line per step: the whole set-up takes a few minutes
+LAST_LINE=$SECONDS
+say() { echo "$(date +%H:%M:%S) setup: $*"; LAST_LINE=$SECONDS; }  # a line per step: set-up takes a few minutes
 
-pip_quiet() {  # pip, quiet on success (a line every 8 s while it works), full log on failure
-  local log pid rc=0 ticks=0 start=$SECONDS
+pip_quiet() {  # pip, quiet on success (a line after 5 s without one while it works), full log on failure
+  local log pid rc=0 start=$SECONDS
   log=$(mktemp)
   .venv/bin/python -m pip "$@" >"$log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
-    ticks=$((ticks + 1))
-    if kill -0 "$pid" 2>/dev/null && (( ticks % 8 == 0 )); then
+    if kill -0 "$pid" 2>/dev/null && (( SECONDS - LAST_LINE >= 5 )); then
       say "  ... pip $1 still running ($((SECONDS - start)) s: $(grep -o '^\(Collecting\|Installing\|Building\)[^(]*' "$log" | tail -1 | cut -c1-70))"
     fi
   done

@@ -123,7 +123,7 @@ def test_setup_commands_are_what_ci_runs():
 
 
 # the longest silence allowed in the quickstart's output; the promise is 10 s on an unloaded 2-core machine
-# (qpass prints a "still ..." line after 8 s), and a loaded CI machine may stall the process a few seconds more
+# (qpass prints a "still ..." line after 5 s), and a loaded CI machine may stall the process a few seconds more
 QUICKSTART_MAX_SILENCE_S = 20.0
 
 
