@@ -15,6 +15,9 @@
 # TESTS_S (default 230: the tests' share), BENCH_ARGS (extra benchmark arguments, e.g. "--configs qpass,peft_eager").
 # Compiled forwards never build a DynamicCache (torch 2.11 there fails in dynamo's guards on it): the tests and
 # the benchmark pass use_cache=False or a StaticCache.
+# mm-cuda (qpass's fused dequant-GEMM, on request only): the tests check it (tests/test_cuda.py, `test_mm_*`), and
+# the benchmark's qpass_mm_cuda row ("qpass, mm-cuda (fused dequant-GEMM)") times prefill and the train step next
+# to qpass's (torch-dequant); the mm-cuda comparison lines are repeated at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -49,5 +52,7 @@ timeout "$left" python3 benchmarks/run.py --device cuda --repeats 5 --warmup 1 -
 bench_rc=$?
 cat "$out/bench.log"
 [ "$bench_rc" = 0 ] || { say "benchmark exit status $bench_rc; last lines of its stderr:"; tail -20 "$out/bench.err"; }
+say "mm-cuda (fused dequant-GEMM) vs torch-dequant, prefill and train step:"
+grep -E "mm-cuda|qpass_mm_cuda" "$out/bench.log" || say "no mm-cuda rows (qpass_mm_cuda not run)"
 say "done in $((SECONDS - start)) s (tests: exit $tests_rc, benchmark: exit $bench_rc); results in $out"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

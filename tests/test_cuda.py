@@ -8,6 +8,10 @@
   step against PEFT's (float32: max relative error 1e-3 per tensor; bf16: 5e-2).
 * CUDA graphs: `qpass.compile(..., mode="reduce-overhead")`, token-by-token decode with transformers'
   StaticCache, every step's logits against PEFT's, no cudagraph skip.
+* mm-cuda (qpass's Triton dequant-GEMM, requested with `qpass.backend(lowering="mm-cuda")`: "auto" keeps
+  torch-dequant for prefill and training): every case of tests/triton_mm_cases.py (forward and x's gradient)
+  against the float64 reference, prefill logits against PEFT (GPTQ bf16, AWQ fp16) and one SGD step against
+  PEFT's (GPTQ float32: 1e-3; AWQ bf16: 5e-2), the report naming mm-cuda for every site.
 * QA-LoRA and OFT against PEFT, AdaLoRA against eager qpass (PEFT's AdaLoRA GPTQ class dispatches through
   a CPU-only gptqmodel class), all through `qpass.compile`: decode, prefill and a backward.
 
@@ -26,10 +30,12 @@ from qpass import lowering
 
 from adapter_parity import assert_close, make_model, max_rel, randomize, trainable
 from conftest import input_ids
+from triton_mm_cases import MM_CASES, mm_case
 
 DEVICE = "cuda"
 DECODE_LOWERING = "gemv-cuda"  # what the report shows for decode-shaped graphs on this device
 PREFILL_LOWERING = "torch-dequant"  # and for prefill graphs
+MM_LOWERING = "mm-cuda"  # the fused dequant-GEMM, on request
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -191,6 +197,49 @@ def test_cuda_graph_decode_with_static_cache_matches_peft(tmp_path):
             assert_close(ours, ref, dtype)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
     assert all(b.startswith(DECODE_LOWERING) for b in _bases(model)), _bases(model)
+
+
+# ---- mm-cuda: the fused dequant-GEMM for prefill and training, on request -----------------------------------
+
+
+@pytest.mark.parametrize("case", list(MM_CASES))
+def test_mm_kernel_on_the_gpu_matches_the_float64_reference(case):
+    r = mm_case(*MM_CASES[case], device=DEVICE)
+    assert all(r[k] <= 1.0 for k in ("ratio", "ratio_eager", "dx_ratio", "dx_ratio_eager")), r
+
+
+def _mm_compiled(model, path):
+    """`model` prepared with the adapter in `path`, compiled with the mm-cuda lowering requested (as
+    benchmarks/run.py's qpass_mm_cuda configuration)."""
+    qpass.prepare(model, path)
+    return torch.compile(model, backend=qpass.backend(lowering=MM_LOWERING),
+                         options={"guard_filter_fn": qpass.guard_filter})
+
+
+@pytest.mark.parametrize("kind,dtype", [("gptq", "bf16"), ("awq", "fp16")])
+def test_mm_cuda_prefill_matches_peft(kind, dtype, tmp_path):
+    dtype = DTYPES[dtype]
+    oracle, path = _peft_and_dir(kind, dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
+    model = BASES[kind][0](dtype)
+    compiled, prefill = _mm_compiled(model, path), _ids(2, 40)
+    with torch.no_grad():
+        assert_close(compiled(prefill).logits, oracle(prefill).logits, dtype)
+    assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0  # the library's buffers, as they are
+    assert _bases(model) and all(b.startswith(MM_LOWERING) for b in _bases(model)), _bases(model)
+
+
+@pytest.mark.parametrize("kind,dtype,tol", [("gptq", "fp32", 1e-3), ("awq", "bf16", 5e-2)])
+def test_mm_cuda_sgd_step_matches_peft(kind, dtype, tol, tmp_path):
+    """The backward through `int4_mm_dx`: every LoRA update of one SGD step against PEFT's."""
+    dtype = DTYPES[dtype]
+    _, path = _peft_and_dir(kind, dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
+    ids, labels = _ids(2, 24, seed=1), _ids(2, 24, seed=2)
+    ref = _updates(peft.PeftModel.from_pretrained(BASES[kind][1](dtype), path, is_trainable=True), ids, labels)
+    model = BASES[kind][0](dtype)
+    ours = _updates(_mm_compiled(model, path), ids, labels)
+    assert len(ours) == len(ref) > 0
+    assert max_rel(ours, ref) < tol
+    assert _bases(model) and all(b.startswith(MM_LOWERING) for b in _bases(model)), _bases(model)
 
 
 # ---- the other adapter kinds ----------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""qpass's Triton decode kernel (`qpass_triton::int4_gemv`, the gemv-cuda lowering) on a machine without a GPU:
+"""qpass's Triton kernels on a machine without a GPU — the decode kernel (`qpass_triton::int4_gemv`, the gemv-cuda
+lowering) and the prefill/training dequant-GEMM (`qpass_triton::int4_mm` + `int4_mm_dx`, mm-cuda; its cases and
+bounds in tests/triton_mm_cases.py, the `test_mm_*` tests below):
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors, in a child process (the variable
 must be set before triton is imported; this pytest process never imports it). The child is this file run as a
 script: it computes every case and writes the numbers to a JSON file; the tests below judge them.
@@ -26,6 +28,8 @@ import subprocess
 import sys
 
 import pytest
+
+from triton_mm_cases import MM_CASES
 
 if importlib.util.find_spec("triton") is None:  # pragma: no cover - triton ships with torch's Linux wheels
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -120,6 +124,72 @@ def test_auto_picks_gemv_cuda_only_for_cuda_decode(interpreted):
     assert c["gptq3/cuda/bfloat16/1"] == "torch-dequant"
     assert c["cpu_unchanged"] == [] and c["cpu_applies"] == [], c
     assert c["accepts_cpu"] is False and c["accepts_cuda_grad"] is False
+
+
+# ---- mm-cuda: the dequant-GEMM and its backward (tests/triton_mm_cases.py) ---------------------------------
+
+
+@pytest.mark.parametrize("case", list(MM_CASES))
+def test_mm_forward_and_dx_match_the_float64_reference(interpreted, case):
+    r = interpreted["mm"]["kernel"][case]
+    assert r["dtype"] == MM_CASES[case][1] and r["shape"] == [MM_CASES[case][2], MM_CASES[case][4]]
+    for key in ("ratio", "ratio_eager", "dx_ratio", "dx_ratio_eager"):
+        assert r[key] <= 1.0, f"{key}: {r[key]:.3g} x the bound ({r})"
+
+
+def test_mm_cases_cover_the_kernel_paths(interpreted):
+    """The exact-code path (two K blocks in one group too) and the per-element path (act-order, a partial last
+    group); two row blocks (with a row tail) and two column blocks (with a column tail) in one grid."""
+    k = interpreted["mm"]["kernel"]
+    assert k["gptq-sym-bf16-bias"]["per_block"] and k["awq-fp16-bf16-scales"]["per_block"]
+    assert not k["gptq-act-bf16-bias"]["per_block"] and not k["gptq-asym-bf16-partial-group"]["per_block"]
+    assert k["gptq-sym-bf16-bias"]["tiles"] == [32, 128, 64]  # group 128: two K blocks per group
+    assert k["awq-bf16-bias"]["tiles"][:2] == [32, 128]  # N = 160: a column tail of 32
+    assert k["awq-bf16-bias"]["row_blocks"] == 2 and k["gptq-sym-bf16-bias"]["row_blocks"] == 2  # 40 rows
+
+
+@pytest.mark.parametrize("case", ["gptq-siblings-bf16-folded", "awq-siblings-fp16-train"])
+def test_mm_lowered_sibling_group_matches_the_torch_lowering(interpreted, case):
+    """`lowering.lowered_group(..., "mm-cuda")` — q/k/v (GPTQ sym + bias, act-order, sym; or AWQ) with LoRA ranks
+    4/8/16 — run eagerly on CPU tensors through the interpreter, against each site's plain-torch lowering
+    (`Site.plain_lowered`): one op call for the three bases. Without gradient each up-projection is folded into the
+    call (t and s B rounded to x's dtype); with gradient (a training graph) the adapters stay in torch and the
+    backward runs `int4_mm_dx` once: x's gradient and every LoRA gradient against plain torch's. Bounds: outputs
+    2 u_x (|x| @ |W| + |bias| + LoRA magnitude) + 2^-10 LoRA magnitude + accumulation; x's gradient 4 u_x
+    (|dy| @ (|W| + |s B A|^T)^T) + accumulation; LoRA gradients within 2^-12 of the largest."""
+    r = interpreted["mm"]["siblings"][case]
+    assert r["calls"] == 1 and r["outputs"] == 3
+    assert r["folded"] == case.endswith("folded") and r["dx_calls"] == (0 if r["folded"] else 1)
+    assert max(r["ratios"]) <= 1.0, r
+    if not r["folded"]:
+        assert r["dx_ratio"] <= 1.0 and max(r["lora_grad_rel"]) <= 2.0**-12, r
+
+
+def test_mm_fake_kernels_and_opcheck(interpreted):
+    """The fake kernels give inductor the right shapes for fake CUDA tensors (no GPU), and `torch.library.opcheck`
+    (schema, autograd registration, fake vs real, AOT dispatch) passes on real calls of both ops (two sites,
+    act-order and bias on one, up-projections folded)."""
+    f = interpreted["mm"]["fake"]
+    assert f["y"] == [[3, 64 + 128], "torch.bfloat16", "cuda:0"] and f["dx"] == [[3, 128], "torch.bfloat16", "cuda:0"]
+    assert f["opcheck"] == "ok", f["opcheck"]
+
+
+def test_mm_training_graph_traces_with_its_backward(interpreted):
+    """The q/k/v function of a training graph, forward and `autograd.grad`, traced on fake tensors (as AOTAutograd
+    does): one `int4_mm` call forward, one `int4_mm_dx` call backward."""
+    t = interpreted["mm"]["traced"]
+    assert t["mm"] == 1 and t["dx"] == 1 and t["outputs"] == [[[1, 20, n], "torch.bfloat16"] for n in (128, 64, 64)]
+    assert t["dx_shape"] == [[1, 20, 128], "torch.bfloat16", "cpu"]
+
+
+def test_mm_cuda_on_request_only(interpreted):
+    """`choose(..., "mm-cuda")` on fake CUDA inputs: mm-cuda for 4-bit GPTQ (in order, act-order) and AWQ sites at
+    1 and 40 tokens, every activation dtype, with or without gradient; torch-dequant for 3-bit GPTQ and CPU
+    inputs. "auto" never picks it (torch-dequant keeps CUDA prefill and training until measured on a GPU)."""
+    c = interpreted["mm"]["choose"]
+    assert len(c["requested"]) == 36 and set(c["requested"].values()) == {"mm-cuda"}, c["requested"]
+    assert c["gptq3"] == "torch-dequant" and c["cpu"] == "torch-dequant"
+    assert c["auto"] == [] and c["applies"] == []
 
 
 # ---- the child: everything below runs under TRITON_INTERPRET=1 -----------------------------------------------
@@ -385,12 +455,14 @@ SIBLING_CASES = {  # name: (q, k, v as (kind, N, bias)), x dtype, adapter dtype,
 
 def _child(path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run by the tests with TRITON_INTERPRET=1"
+    import triton_mm_cases
     from qpass.log import quiet_third_party
 
     quiet_third_party()
     results = {"kernel": {name: _kernel_case(*spec) for name, spec in KERNEL_CASES.items()},
                "siblings": {name: _sibling_case(*spec) for name, spec in SIBLING_CASES.items()},
-               "fake": _fake_and_opcheck(), "traced": _traced_on_fake_cuda(), "choose": _choose()}
+               "fake": _fake_and_opcheck(), "traced": _traced_on_fake_cuda(), "choose": _choose(),
+               "mm": triton_mm_cases.results()}
     with open(path, "w") as f:
         json.dump(results, f)
 

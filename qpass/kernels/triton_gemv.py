@@ -2,12 +2,8 @@
 
     y[m, n] = sum_k x[m, k] s[g(k), n] (q[k, n] - z[g(k), n])  + scaling (x A^T)[m, :] . B[n, :]  + bias[n]
 
-read in place, no repacked copy (the CUDA counterpart of gemv.cpp's `{gptq4,awq4}_gemv`):
-  GPTQ (gptqmodel):  q[k, n] = (qweight[k / 8, n] >> 4 (k % 8)) & 15             (8 rows per int32 word)
-  AWQ (AutoAWQ GEMM): q[k, n] = (qweight[k, n / 8] >> 4 nib(n % 8)) & 15          (8 columns per word,
-                     nib = (0, 4, 1, 5, 2, 6, 3, 7): column i of a word sits in nibble nib(i))
-  z[g, n] = (qzeros[g, n / 8] >> 4 (n % 8)) & 15 (GPTQ, gptqmodel's in-memory "v2" zeros), >> 4 nib(n % 8) (AWQ)
-  g(k) = k / group, or g_idx[k] (GPTQ act-order: each row's group read from g_idx).
+read in place, no repacked copy (the CUDA counterpart of gemv.cpp's `{gptq4,awq4}_gemv`; q, z, s and g(k) as
+triton_int4.py reads them, shared with the prefill/training matmul triton_mm.py).
 
 Arithmetic (float32 accumulation, one rounding to x's dtype at the end, as gemv.cpp):
   * groups in order and the K block inside one group: d = x @ q on the tensor cores, whose operands (x, and
@@ -33,7 +29,6 @@ tensors (the tests do; nothing else may pass CPU tensors).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,39 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_int4 import ACT_DTYPES, SCALE_DTYPES  # noqa: F401 (public: the dtypes the op takes)
+from .triton_int4 import block_k, check_sites, codes, round_to, weights, zero_shift
+
 BLOCK_M = 16  # rows of x per program (tl.dot's smallest M); decode steps have at most 16
 BLOCK_N = 64  # output columns per program
-SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _codes(qw_ptr, offs_k, offs_n, mask_n, N, AWQ: tl.constexpr):
-    """(BLOCK_K, BLOCK_N) int32 codes q[k, n]."""
-    if AWQ:
-        words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=mask_n[None, :], other=0)
-        nib = (offs_n % 8) // 2 + 4 * (offs_n % 2)
-        return (words >> (4 * nib)[None, :]) & 15
-    words = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-    return (words >> (4 * (offs_k % 8))[:, None]) & 15
-
-
-@triton.jit
-def _zero_shift(offs_n, AWQ: tl.constexpr):
-    if AWQ:
-        return 4 * ((offs_n % 8) // 2 + 4 * (offs_n % 2))
-    return 4 * (offs_n % 8)
-
-
-@triton.jit
-def _round(v, DTYPE: tl.constexpr):
-    """float32 -> DTYPE, to nearest even (as torch's `.to`). bfloat16 from the bits, so that the interpreter (whose
-    float32 -> bfloat16 cast truncates) rounds as the GPU does."""
-    if DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = tl.where(v != v, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return v.to(DTYPE)
 
 
 @triton.jit
@@ -85,29 +52,23 @@ def _base_partial(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, part_ptr, M, K, N, kb0,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    shift = _zero_shift(offs_n, AWQ)
+    shift = zero_shift(offs_n, AWQ)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb0, kb1):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         xf = x.to(tl.float32)
-        q = _codes(qw_ptr, offs_k, offs_n, mask_n, N, AWQ)
         if PER_BLOCK:  # one group for the whole K block: exact codes on the tensor cores, offset taken off once
             g = (kb * BLOCK_K) // GROUP
             z = (tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0) >> shift) & 15
             s = tl.load(sc_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            q = codes(qw_ptr, offs_k, offs_n, mask_n, N, AWQ)
             d = tl.dot(xf, q.to(tl.float32), input_precision=PRECISION)
             acc += s[None, :] * (d - z.to(tl.float32)[None, :] * tl.sum(xf, axis=1)[:, None])
         else:  # each row its own group: the weight dequantized per element
-            if G_IDX:
-                g = tl.load(gi_ptr + offs_k).to(tl.int32)
-            else:
-                g = offs_k // GROUP
-            zw = tl.load(qz_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=mask_n[None, :], other=0)
-            s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
-            w = (q - ((zw >> shift[None, :]) & 15)).to(tl.float32) * s
+            w = weights(qw_ptr, qz_ptr, sc_ptr, gi_ptr, offs_k, offs_n, mask_n, N, GROUP, AWQ, G_IDX)
             if not X_FP32:
-                w = _round(w, x.dtype).to(tl.float32)  # rounded to x's dtype, as the library's dequantize + matmul
+                w = round_to(w, x.dtype).to(tl.float32)  # rounded to x's dtype, as the library's dequantize + matmul
             acc += tl.dot(xf, w, input_precision=PRECISION)
     out = part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -179,7 +140,7 @@ def _epilogue_kernel(part_ptr, tpart_ptr, b_ptr, scaling_ptr, bias_ptr, out_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * out_stride + offs_n[None, :]
-    tl.store(out, _round(acc, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launch plan: a pure function of the shapes and the device -------------------------------------------
@@ -194,20 +155,15 @@ class Plan:
     block_r: int
 
 
-def _block_k(k: int, group: Optional[int]) -> int:
-    """The largest K block (128..16) dividing K, and the group when one is given."""
-    return next(b for b in (128, 64, 32, 16) if k % b == 0 and (group is None or group % b == 0))
-
-
 def plan(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: int) -> Plan:
     """K block, slices and rank block for one site; `programs`: how many programs fill the device."""
     per_block = in_order and group % 16 == 0 and k % group == 0
-    block_k = _block_k(k, group if per_block else None)
-    blocks = k // block_k
+    bk = block_k(k, group if per_block else None)
+    blocks = k // bk
     split = max(1, min(blocks, triton.cdiv(programs, triton.cdiv(n, BLOCK_N) * triton.cdiv(m, BLOCK_M))))
     kb_per = triton.cdiv(blocks, split)
     block_r = max(16, min(64, triton.next_power_of_2(max(r, 1))))
-    return Plan(block_k, per_block, triton.cdiv(blocks, kb_per), kb_per, block_r)
+    return Plan(bk, per_block, triton.cdiv(blocks, kb_per), kb_per, block_r)
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,38 +200,17 @@ def _site(x, out, qweight, qzeros, scales, g_idx, bias, group, awq, lora) -> Non
 
 
 def _check(x, qweight, qzeros, scales, g_idx, bias, groups, awq, lora_a, lora_b, scaling) -> None:
-    sites = len(scales)
-    lists = (qweight, qzeros, g_idx, bias, groups)
-    lora_ok = not lora_a or len(lora_a) == len(lora_b) == len(scaling) == sites
-    if sites == 0 or any(len(v) != sites for v in lists) or not lora_ok:
-        raise ValueError("qpass_triton::int4_gemv: one qweight, qzeros, scales, g_idx, bias and group per site "
-                         "(and one lora_a, lora_b, scaling per site, or none)")
-    if x.dim() != 2 or x.dtype not in ACT_DTYPES or x.shape[1] % 16:
-        raise ValueError(f"qpass_triton::int4_gemv: x must be 2-D, float16/bfloat16/float32, K a multiple of 16; got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"qpass_triton::int4_gemv runs on CUDA tensors (x is on {x.device}); TRITON_INTERPRET=1 "
-                         "runs it on CPU tensors for tests")
+    op = "qpass_triton::int4_gemv"
+    check_sites(op, x, qweight, qzeros, scales, g_idx, bias, groups, awq)
+    if lora_a and not len(lora_a) == len(lora_b) == len(scaling) == len(scales):
+        raise ValueError(f"{op}: one lora_a, lora_b and scaling per site, or none")
     k = x.shape[1]
-    for i in range(sites):
+    for i in range(len(scales) if lora_a else 0):
         n = scales[i].shape[1]
-        words = (k, n // 8) if awq else (k // 8, n)
-        buffers = [qweight[i], qzeros[i], scales[i]] + [t for t in (g_idx[i], bias[i]) if t is not None]
-        tensors = buffers + ([lora_a[i], lora_b[i], scaling[i]] if lora_a else [])
-        if n % 8 or tuple(qweight[i].shape) != words or qweight[i].dtype != torch.int32 or \
-                qzeros[i].dtype != torch.int32 or scales[i].dtype not in SCALE_DTYPES:
-            raise ValueError(f"qpass_triton::int4_gemv: site {i}: qweight {tuple(qweight[i].shape)} "
-                             f"{qweight[i].dtype} / scales {tuple(scales[i].shape)} {scales[i].dtype} are not 4-bit "
-                             f"{'AWQ' if awq else 'GPTQ'} packing for K={k}")
-        if any(t.device != x.device for t in tensors):
-            raise ValueError(f"qpass_triton::int4_gemv: site {i}: every tensor must be on {x.device}")
-        if not all(t.is_contiguous() for t in buffers):  # the kernels index them as row-major
-            raise ValueError(f"qpass_triton::int4_gemv: site {i}: qweight, qzeros, scales, g_idx and bias must be "
-                             "contiguous")
-        if lora_a and (lora_a[i].shape[1] != k or lora_b[i].shape != (n, lora_a[i].shape[0])
-                       or scaling[i].numel() != 1):
-            raise ValueError(f"qpass_triton::int4_gemv: site {i}: A must be (r, {k}), B ({n}, r), the scaling one "
-                             "element")
+        if any(t.device != x.device for t in (lora_a[i], lora_b[i], scaling[i])):
+            raise ValueError(f"{op}: site {i}: every tensor must be on {x.device}")
+        if lora_a[i].shape[1] != k or lora_b[i].shape != (n, lora_a[i].shape[0]) or scaling[i].numel() != 1:
+            raise ValueError(f"{op}: site {i}: A must be (r, {k}), B ({n}, r), the scaling one element")
 
 
 @torch.library.custom_op("qpass_triton::int4_gemv", mutates_args=())

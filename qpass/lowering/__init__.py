@@ -13,6 +13,7 @@ A lowering is a registered object with
 | int4pack-cpu  | aten's CPU int4 kernel on a repacked copy (or the layout held)        | int4pack.py    |
 | gemv-cuda     | qpass's Triton GEMV on the library's buffers, adapters in the call    | triton.py      |
 | int4pack-cuda | aten's tinygemm on a repacked copy                                    | int4pack.py    |
+| mm-cuda       | qpass's Triton dequant-GEMM (and dx) on the library's buffers; opt-in | triton_mm.py   |
 | torch-dequant | plain-torch dequantize + matmul (`Layout.torch_forward`), any site     | torch_dequant.py |
 
 Around the base, `low_rank.py` builds the function the rewrite splices in: the spec's math for one site, or
@@ -32,6 +33,7 @@ from .int4pack import fallback_reason as _int4_fallback_reason
 from .low_rank import fusable, lower_bases, lower_group, lower_site
 from .torch_dequant import TorchDequant, derived_for  # noqa: F401 (public)
 from .triton import GemvCuda
+from .triton_mm import MmCuda
 
 # Switches, read when a graph is lowered (tests turn them off to compare with the separate form):
 # gemv-cpu takes each site's whole low-rank adapter into its kernel call (and reads it from the adapter pool);
@@ -75,7 +77,7 @@ def get(name: str):
     return _REGISTRY[name]
 
 
-for _builtin in (TorchDequant(), GemvCpu(), DequantCpu(), Int4pack("cpu"), GemvCuda(), Int4pack("cuda")):
+for _builtin in (TorchDequant(), GemvCpu(), DequantCpu(), Int4pack("cpu"), GemvCuda(), Int4pack("cuda"), MmCuda()):
     register_lowering(_builtin)
 
 

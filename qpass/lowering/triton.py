@@ -54,7 +54,8 @@ class TritonBase(Base):
         packs = [packing(s) for s in sites]
         families = {p[:4] for p in packs if p is not None}
         if None in packs or len(families) != 1:
-            raise ValueError(f"qpass: gemv-cuda cannot take {[s.path for s in sites]} together (packings {packs})")
+            raise ValueError(f"qpass: {self.lowering} cannot take {[s.path for s in sites]} together "
+                             f"(packings {packs})")
         self.sites = sites
         self.awq = families.pop() == "awq4"
         self.by_g_idx = [p == "gptq4-g_idx" for p in packs]  # act-order: the kernel reads each row's group
@@ -70,13 +71,21 @@ class TritonBase(Base):
     def _call(self, x, bases, adapters) -> list:
         from ..kernels import triton_gemv  # noqa: F401 (defines qpass_triton::int4_gemv; imports triton)
 
-        own = [named(s.info, b) for s, b in zip(self.sites, bases)]
-        h = x.reshape(-1, self.sites[0].info.in_features)
-        weights = [[n[b] for n in own] for b in _BUFFERS]
-        g_idx = [n["g_idx"] if flag else None for n, flag in zip(own, self.by_g_idx)]
+        h, args = self.operands(x, bases)
         lora = [list(part) for part in zip(*adapters)] if adapters else [[], [], []]
-        y = torch.ops.qpass_triton.int4_gemv(h, *weights, g_idx, [n.get("bias") for n in own],
-                                             [s.info.group for s in self.sites], self.awq, *lora)
+        return self.outputs(x, torch.ops.qpass_triton.int4_gemv(h, *args, *lora))
+
+    def operands(self, x, bases) -> tuple:
+        """x as (M, K) and the op's per-site arguments after it: qweight, qzeros, scales, g_idx, bias lists, the
+        groups and the AWQ flag (every qpass_triton op takes them in this order)."""
+        own = [named(s.info, b) for s, b in zip(self.sites, bases)]
+        g_idx = [n["g_idx"] if flag else None for n, flag in zip(own, self.by_g_idx)]
+        weights = [[n[b] for n in own] for b in _BUFFERS]
+        return x.reshape(-1, self.sites[0].info.in_features), (*weights, g_idx, [n.get("bias") for n in own],
+                                                              [s.info.group for s in self.sites], self.awq)
+
+    def outputs(self, x, y) -> list:
+        """The op's (M, sum N) output as one y per site, x's leading dims restored."""
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return list(y.split([s.info.out_features for s in self.sites], -1)) if len(self.sites) > 1 else [y]
 
