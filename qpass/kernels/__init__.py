@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "dequant.cpp")]
-_HEADERS = [Path(__file__).with_name("packed_check.h")]  # in the build digest: a change rebuilds
+_HEADERS = [Path(__file__).with_name(name) for name in ("packed_check.h", "vec.h")]  # in the build digest: a change rebuilds
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "ok": bool, "reason": str, "path": the loaded library, "isa": what it says it was built for
 

@@ -49,10 +49,11 @@
 #include <vector>
 
 #include "packed_check.h"
+#include "vec.h"
 
 namespace {
 
-using qpass_kernels::nibble_shift;
+using namespace qpass_kernels;  // the vector operations (vec.h), nibble_shift, kNibbleShift
 
 // F32_BF16 / F32_F16: the weight rounded to bfloat16 / float16 (the value the half-precision unpack gives),
 // stored as float32 — the "wide" GEMM below.
@@ -113,78 +114,30 @@ inline void put1(void* out, int64_t i, float scale, int32_t code, int32_t zero) 
   store1<storage(O)>(out, i, round_to<rounding(O)>(round_to<S>(scale * static_cast<float>(code - zero))));
 }
 
-#if defined(__AVX512F__)
-// float32 -> bfloat16 bits, round to nearest even (finite inputs).
-inline __m256i bf16_bits(__m512 v) {
-#if defined(__AVX512BF16__)
-  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-#else
-  __m512i b = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
-#endif
-}
-
 template <int K>
-inline __m512 round_to(__m512 v) {
-  if constexpr (K == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  else if constexpr (K == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+inline Vf round_to(Vf v) {
+  if constexpr (K == F16) return round_half(v);
+  else if constexpr (K == BF16) return round_bf16(v);
   else return v;
 }
 
 template <int O>
-inline void store16(void* out, int64_t i, __m512 v) {
-  if constexpr (O == F16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<c10::Half*>(out) + i),
-                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  else if constexpr (O == BF16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<c10::BFloat16*>(out) + i), bf16_bits(v));
-  else _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+inline void store_as(void* out, int64_t i, Vf v) {
+  if constexpr (O == F16) store(static_cast<c10::Half*>(out) + i, v);
+  else if constexpr (O == BF16) store_finite(static_cast<c10::BFloat16*>(out) + i, v);  // weights are finite
+  else store(static_cast<float*>(out) + i, v);
 }
 
-// 16 weights: codes q (int32) minus zeros z, times scales s, rounded, stored at out[i].
+// kLanes weights: codes q (int32) minus zeros z, times scales s, rounded, stored at out[i].
 // Rounding to the scales' dtype first matters only when the output dtype differs (round(round(v)) = round(v)).
 template <int S, int O>
-inline void put16(void* out, int64_t i, __m512 s, __m512i q, __m512i z) {
+inline void put(void* out, int64_t i, Vf s, Vi q, Vi z) {
   constexpr int R = rounding(O), D = storage(O);
-  __m512 v = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)));
+  Vf v = mul(s, to_float(subi(q, z)));
   if constexpr (S != R) v = round_to<S>(v);
   if constexpr (R != D) v = round_to<R>(v);  // wide: the half-precision value, stored as float32
-  store16<D>(out, i, v);
+  store_as<D>(out, i, v);
 }
-#elif defined(QPASS_AVX2)
-using qpass_kernels::bf16_bits8;
-
-template <int K>
-inline __m256 round_to(__m256 v) {
-  if constexpr (K == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  else if constexpr (K == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
-  else return v;
-}
-
-template <int O>
-inline void store8(void* out, int64_t i, __m256 v) {
-  if constexpr (O == F16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<c10::Half*>(out) + i),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else if constexpr (O == BF16) {
-    qpass_kernels::store_u16x8(static_cast<c10::BFloat16*>(out) + i, bf16_bits8(v));
-  } else {
-    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
-  }
-}
-
-// 8 weights, as put16.
-template <int S, int O>
-inline void put8(void* out, int64_t i, __m256 s, __m256i q, __m256i z) {
-  constexpr int R = rounding(O), D = storage(O);
-  __m256 v = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, z)));
-  if constexpr (S != R) v = round_to<S>(v);
-  if constexpr (R != D) v = round_to<R>(v);
-  store8<D>(out, i, v);
-}
-#endif
 
 struct Site {
   const void* q;   // packed codes
@@ -230,25 +183,11 @@ void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* 
     for (int64_t w = g * gw; w < (g + 1) * gw; w++) {
       const int32_t* row = qw + w * s.n;
       int64_t n = n0;
-#if defined(__AVX512F__)
-      const __m512i mask = _mm512_set1_epi32(15);
-      for (; n + 16 <= n1; n += 16) {
-        const __m512i r = _mm512_loadu_si512(row + n);
-        const __m512i zv = _mm512_loadu_si512(p.z.data() + (n - n0));
-        const __m512 sv = _mm512_loadu_ps(p.s.data() + (n - n0));
-        for (int j = 0; j < 8; j++)
-          put16<S, O>(out, (w * 8 + j) * ldo + n - origin, sv, _mm512_and_si512(_mm512_srli_epi32(r, 4 * j), mask), zv);
+      for (; n + kLanes <= n1; n += kLanes) {
+        const Vi r = loadi(row + n), zv = loadi(p.z.data() + (n - n0));
+        const Vf sv = load(p.s.data() + (n - n0));
+        for (int j = 0; j < 8; j++) put<S, O>(out, (w * 8 + j) * ldo + n - origin, sv, and_(srli(r, 4 * j), set1i(15)), zv);
       }
-#elif defined(QPASS_AVX2)
-      const __m256i mask = _mm256_set1_epi32(15);
-      for (; n + 8 <= n1; n += 8) {
-        const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + n));
-        const __m256i zv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.z.data() + (n - n0)));
-        const __m256 sv = _mm256_loadu_ps(p.s.data() + (n - n0));
-        for (int j = 0; j < 8; j++)
-          put8<S, O>(out, (w * 8 + j) * ldo + n - origin, sv, _mm256_and_si256(_mm256_srli_epi32(r, 4 * j), mask), zv);
-      }
-#endif
       for (; n < n1; n++)
         for (int j = 0; j < 8; j++)
           put1<S, O>(out, (w * 8 + j) * ldo + n - origin, p.s[n - n0], (row[n] >> (4 * j)) & 15, p.z[n - n0]);
@@ -258,18 +197,9 @@ void gptq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* 
 
 // ---- awq4 -------------------------------------------------------------------------------------------------
 
-using qpass_kernels::kAwqNibble;
-
-#if defined(__AVX512F__)
-// Columns [n, n + 16) of one row of AWQ words: lanes 0-7 read word n/8, lanes 8-15 word n/8 + 1, each
-// shifted to its column's nibble.
-inline __m512i awq_codes16(const int32_t* words) {
-  const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i shifts = _mm512_set_epi32(28, 12, 24, 8, 20, 4, 16, 0, 28, 12, 24, 8, 20, 4, 16, 0);
-  const __m512i two = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words)));
-  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pick, two), shifts), _mm512_set1_epi32(15));
-}
-#endif
+// Columns [n, n + kLanes) of one row of AWQ words from words = row + n / 8 (n a multiple of 8): lanes 8 i..8 i + 7
+// read word i, each shifted to its column's nibble.
+inline Vi awq_codes(const int32_t* words) { return and_(srlv(words_per_lane(words), loadi(kNibbleShift[1])), set1i(15)); }
 
 // Row by row, as gptq4_unpack (AWQ's rows are K rows, each N / 8 words).
 template <int S, int O>
@@ -287,18 +217,9 @@ void awq4_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, void* o
     for (int64_t k = g * sh.G; k < (g + 1) * sh.G; k++) {
       const int32_t* row = qw + k * words;
       int64_t n = n0;
-#if defined(__AVX512F__)
-      for (; n + 16 <= n1; n += 16)
-        put16<S, O>(out, k * ldo + n - origin, _mm512_loadu_ps(p.s.data() + (n - n0)), awq_codes16(row + n / 8),
-                    _mm512_loadu_si512(p.z.data() + (n - n0)));
-#elif defined(QPASS_AVX2)
-      const __m256i shifts = _mm256_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28);  // column i's nibble: R[i]
-      for (; n + 8 <= n1; n += 8) {  // one word: 8 columns
-        const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(row[n / 8]), shifts), _mm256_set1_epi32(15));
-        put8<S, O>(out, k * ldo + n - origin, _mm256_loadu_ps(p.s.data() + (n - n0)), q,
-                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.z.data() + (n - n0))));
-      }
-#endif
+      for (; n + kLanes <= n1; n += kLanes)  // n0 is a multiple of 8
+        put<S, O>(out, k * ldo + n - origin, load(p.s.data() + (n - n0)), awq_codes(row + n / 8),
+                  loadi(p.z.data() + (n - n0)));
       for (; n < n1; n++)
         put1<S, O>(out, k * ldo + n - origin, p.s[n - n0], (row[n / 8] >> nibble_shift(true, n)) & 15, p.z[n - n0]);
     }
@@ -331,57 +252,31 @@ void int4pack_unpack(const Site& s, const Shape& sh, int64_t n0, int64_t n1, voi
       continue;
     }
     const uint8_t* block = bytes + (b0 / bn) * K * half;
-#if defined(__AVX512F__)
-    if (bn == 64) {
+    // aten's block for this instruction set (64 columns with AVX-512, 32 with AVX2): row k is 2 kLanes bytes,
+    // column d + 2 kLanes in byte d's high nibble; 4 vectors of columns per row
+    if (bn == 4 * kLanes) {
       for (int64_t g = g0; g < g1; g++) {
-        __m512i zv[4];
-        __m512 sv[4];
+        Vi zv[4];
+        Vf sv[4];
         for (int v = 0; v < 4; v++) {
-          zv[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zc + g * s.n + b0 + 16 * v)));
-          float st[16];
-          for (int c = 0; c < 16; c++) st[c] = scale_at<S>(s.s, g * s.n + b0 + 16 * v + c);
-          sv[v] = _mm512_loadu_ps(st);
+          zv[v] = load_u8(zc + g * s.n + b0 + kLanes * v);
+          alignas(64) float st[kLanes];
+          for (int c = 0; c < kLanes; c++) st[c] = scale_at<S>(s.s, g * s.n + b0 + kLanes * v + c);
+          sv[v] = load(st);
         }
-        const __m512i mask = _mm512_set1_epi32(15);
+        const Vi mask = set1i(15);
         for (int64_t k = g * G; k < (g + 1) * G; k++) {
           const uint8_t* row = block + k * half;
-          const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-          const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
+          const Vi lo = load_u8(row), hi = load_u8(row + kLanes);
           const int64_t at = k * ldo + b0 - origin;
-          put16<S, O>(out, at, sv[0], _mm512_and_si512(lo, mask), zv[0]);       // columns 0..15
-          put16<S, O>(out, at + 16, sv[1], _mm512_and_si512(hi, mask), zv[1]);  // 16..31
-          put16<S, O>(out, at + 32, sv[2], _mm512_srli_epi32(lo, 4), zv[2]);    // 32..47
-          put16<S, O>(out, at + 48, sv[3], _mm512_srli_epi32(hi, 4), zv[3]);    // 48..63
+          put<S, O>(out, at, sv[0], and_(lo, mask), zv[0]);               // columns [0, kLanes)
+          put<S, O>(out, at + kLanes, sv[1], and_(hi, mask), zv[1]);      // [kLanes, 2 kLanes)
+          put<S, O>(out, at + 2 * kLanes, sv[2], srli(lo, 4), zv[2]);     // [2 kLanes, 3 kLanes)
+          put<S, O>(out, at + 3 * kLanes, sv[3], srli(hi, 4), zv[3]);     // [3 kLanes, 4 kLanes)
         }
       }
       continue;
     }
-#elif defined(QPASS_AVX2)
-    if (bn == 32) {  // aten's block on CPUs without AVX-512: row k is 16 bytes, column d + 16 in byte d's high nibble
-      for (int64_t g = g0; g < g1; g++) {
-        __m256i zv[4];
-        __m256 sv[4];
-        for (int v = 0; v < 4; v++) {
-          zv[v] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zc + g * s.n + b0 + 8 * v)));
-          alignas(32) float st[8];
-          for (int c = 0; c < 8; c++) st[c] = scale_at<S>(s.s, g * s.n + b0 + 8 * v + c);
-          sv[v] = _mm256_load_ps(st);
-        }
-        const __m256i mask = _mm256_set1_epi32(15);
-        for (int64_t k = g * G; k < (g + 1) * G; k++) {
-          const uint8_t* row = block + k * half;
-          const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
-          const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8)));
-          const int64_t at = k * ldo + b0 - origin;
-          put8<S, O>(out, at, sv[0], _mm256_and_si256(lo, mask), zv[0]);      // columns 0..7
-          put8<S, O>(out, at + 8, sv[1], _mm256_and_si256(hi, mask), zv[1]);  // 8..15
-          put8<S, O>(out, at + 16, sv[2], _mm256_srli_epi32(lo, 4), zv[2]);   // 16..23
-          put8<S, O>(out, at + 24, sv[3], _mm256_srli_epi32(hi, 4), zv[3]);   // 24..31
-        }
-      }
-      continue;
-    }
-#endif
     for (int64_t k = g0 * G; k < g1 * G; k++) {
       const int64_t g = k / G;
       for (int64_t d = 0; d < half; d++) {
@@ -415,7 +310,7 @@ constexpr int64_t kPanel = 64;         // columns per panel: 4 vectors of 16 flo
 constexpr int64_t kSliceRows = 2048;   // rows of W per panel slice: 2048 x 64 bf16 = 256 KiB
 constexpr int64_t kTileRows = 6;       // rows of x per tile: 6 x 4 accumulators + 4 panel vectors in registers
 
-// 16 pair words: rows k (even) and k + 1 of 16 columns, each s * (q - z) rounded as put16 rounds.
+// 16 pair words: rows k (even) and k + 1 of 16 columns, each s * (q - z) rounded as put rounds.
 template <int S>
 inline __m512i pair16(__m512 s, __m512i q_even, __m512i q_odd, __m512i z) {
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
@@ -480,8 +375,7 @@ void awq4_pack(const Site& s, const Shape& sh, int64_t n0, int nv, int64_t k0, i
       const int32_t* even = qw + k * words + n0 / 8;
       int32_t* out = panel + (k - k0) / 2 * kPanel;
       for (int j = 0; j < nv; j++)
-        _mm512_store_si512(out + 16 * j, pair16<S>(sc[j], awq_codes16(even + 2 * j),
-                                                   awq_codes16(even + words + 2 * j), z[j]));
+        _mm512_store_si512(out + 16 * j, pair16<S>(sc[j], awq_codes(even + 2 * j), awq_codes(even + words + 2 * j), z[j]));
     }
   }
 }
@@ -970,7 +864,8 @@ at::Tensor lora_mm(const char* op, const at::Tensor& x, const Sites& s, at::Tens
   const size_t n = s.list.size();
   TORCH_CHECK(lora_a.size() == n && lora_b.size() == n && scaling.size() == n, "qpass ", op,
               ": one lora_a, lora_b and scaling per site");
-  const int64_t M = x.size(0), K = s.shape.K;
+  [[maybe_unused]] const int64_t M = x.size(0);  // the panel GEMM's (AVX512-BF16 builds)
+  const int64_t K = s.shape.K;
   std::vector<at::Tensor> as, bs;
   std::vector<float> sc;
   for (size_t i = 0; i < n; i++) {

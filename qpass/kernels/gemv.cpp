@@ -21,9 +21,10 @@
 //    one column, so its pairs are rows (k, k + 4) of a word; an AWQ word holds 8 columns of one row, so two
 //    rows' words are first interleaved 16 bits at a time (vpunpcklwd / vpunpckhwd: two instructions per
 //    2 x 16 words), pairing rows (k, k + 1) of the same columns.
-//  * Each loop has three builds, picked by the compiler's target (-march=native): AVX-512 (16 lanes), AVX2 +
-//    FMA + F16C without AVX-512 (8 lanes, QPASS_AVX2; bfloat16 x takes the float32 loop, x widened once) and
-//    portable C++.
+//  * The loops are written once over vec.h's vectors, whose build the compiler's target picks (-march=native):
+//    AVX-512 (16 lanes), AVX2 + FMA + F16C without AVX-512 (8 lanes, QPASS_AVX2) or portable C++. Only the
+//    bfloat16 loop is AVX512-BF16's alone; elsewhere bfloat16 x takes the float32 loop, x widened once. What
+//    the paths tune differently (registers per pass, AWQ rows per pass, prefetch) is a named constant.
 // The error is a few float32 ulps of sum |x| s (c + q + z) (tests/test_kernels.py), far below a bfloat16
 // output's rounding.
 //
@@ -53,6 +54,7 @@
 #include <vector>
 
 #include "packed_check.h"
+#include "vec.h"
 
 namespace {
 
@@ -76,10 +78,7 @@ struct Site {
   bool awq = false;  // AWQ packing (qweight (K, N/8), interleaved), else GPTQ (qweight (K/8, N))
 };
 
-using qpass_kernels::kAwqNibble;
-
-// The shift of column n's code or zero point in its word.
-inline int zero_shift(const Site& s, int64_t n) { return qpass_kernels::nibble_shift(s.awq, n); }
+using namespace qpass_kernels;  // the vector operations (vec.h), kAwqNibble
 
 // What the row kernels read about x.
 struct Input {
@@ -90,229 +89,42 @@ struct Input {
   bool bf16 = false;
 };
 
-// count scales from flat index i, as float32 (the switch stays outside the loop).
-inline void load_scales(const Site& s, int64_t i, float* out, int count) {
-  switch (s.sdt) {
-    case at::kHalf: {
-      const c10::Half* p = static_cast<const c10::Half*>(s.scales) + i;
-      for (int c = 0; c < count; c++) out[c] = static_cast<float>(p[c]);
-      break;
-    }
-    case at::kBFloat16: {
-      const c10::BFloat16* p = static_cast<const c10::BFloat16*>(s.scales) + i;
-      for (int c = 0; c < count; c++) out[c] = static_cast<float>(p[c]);
-      break;
-    }
-    default: std::memcpy(out, static_cast<const float*>(s.scales) + i, sizeof(float) * count);
-  }
-}
-
-// The zero codes of group g, columns [n0, n0 + count) (n0 and count multiples of 8).
-inline void load_zeros(const Site& s, int64_t g, int64_t n0, int32_t* out, int count) {
-  const int32_t* words = s.qzeros + g * (s.n / 8) + n0 / 8;
-  for (int w = 0; w < count / 8; w++)
-    for (int j = 0; j < 8; j++) out[w * 8 + j] = (words[w] >> zero_shift(s, j)) & 15;
-}
-
-#if defined(__AVX512F__)
-// n <= 16 values from p as float32, zeros after them (bfloat16 -> float32 is exact).
-inline __m512 load16(const float* p, int64_t n) {
-  return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-}
-inline __m512 load16(const c10::BFloat16* p, int64_t n) {
-  __m256i h;
-  if (n >= 16) {
-    h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  } else {
-    alignas(32) uint16_t tail[16] = {};
-    std::memcpy(tail, p, sizeof(uint16_t) * n);
-    h = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
-  }
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#elif defined(QPASS_AVX2)
-// n <= 8 values from p as float32, zeros after them.
-inline __m256 load8(const float* p, int64_t n) {
-  if (n >= 8) return _mm256_loadu_ps(p);
-  alignas(32) float tail[8] = {};
-  std::memcpy(tail, p, sizeof(float) * n);
-  return _mm256_load_ps(tail);
-}
-inline __m256 load8(const c10::BFloat16* p, int64_t n) {
-  __m128i h;
-  if (n >= 8) {
-    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  } else {
-    alignas(16) uint16_t tail[8] = {};
-    std::memcpy(tail, p, sizeof(uint16_t) * n);
-    h = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
-  }
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-// Lane c of the result: the sum of v[c]'s 8 lanes (three levels of hadd within 128-bit halves, then the halves).
-inline __m256 reduce8(const __m256* v) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // v0..v3 per half
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // v4..v7 per half
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-#endif
-
-// dot(a, b) over r values (a float32 or bfloat16, b float32), in float32.
-template <typename T>
-inline float dot(const T* a, const float* b, int64_t r) {
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < r; j += 16) acc = _mm512_fmadd_ps(load16(a + j, r - j), load16(b + j, r - j), acc);
-  return _mm512_reduce_add_ps(acc);
-#elif defined(QPASS_AVX2)
-  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;  // four chains: FMA latency, not one long chain
-  int64_t j = 0;
-  for (; j + 32 <= r; j += 32) {
-    c0 = _mm256_fmadd_ps(load8(a + j, 8), _mm256_loadu_ps(b + j), c0);
-    c1 = _mm256_fmadd_ps(load8(a + j + 8, 8), _mm256_loadu_ps(b + j + 8), c1);
-    c2 = _mm256_fmadd_ps(load8(a + j + 16, 8), _mm256_loadu_ps(b + j + 16), c2);
-    c3 = _mm256_fmadd_ps(load8(a + j + 24, 8), _mm256_loadu_ps(b + j + 24), c3);
-  }
-  for (; j < r; j += 8) c0 = _mm256_fmadd_ps(load8(a + j, r - j), load8(b + j, r - j), c0);
-  return hsum8(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
-#else
-  float acc = 0.f;
-  for (int64_t j = 0; j < r; j++) acc += static_cast<float>(a[j]) * b[j];
-  return acc;
-#endif
-}
-
-#if defined(__AVX512F__)
-// Lane c of the result: the sum of v[c]'s 16 lanes (16 horizontal sums at once: four levels of pairwise
-// permute-and-add, each halving the lanes a column occupies; 45 instructions for 16 columns).
-struct Reduce16 {
-  __m512i lo[4], hi[4];
-  Reduce16() {
-    for (int L = 0; L < 4; L++) {
-      const int cols = 1 << L, span = 16 >> L, half = span / 2;  // per input vector: cols columns of span lanes
-      alignas(64) int32_t l[16], h[16];
-      for (int i = 0; i < 16; i++) {
-        const int c = i / half, k = i % half;
-        const int base = c < cols ? c * span : 16 + (c - cols) * span;
-        l[i] = base + k, h[i] = base + k + half;
-      }
-      lo[L] = _mm512_load_si512(l), hi[L] = _mm512_load_si512(h);
-    }
-  }
-  __m512 operator()(__m512* v) const {
-    for (int L = 0, n = 16; L < 4; L++, n /= 2)
-      for (int i = 0; i < n / 2; i++)
-        v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], lo[L], v[2 * i + 1]),
-                             _mm512_permutex2var_ps(v[2 * i], hi[L], v[2 * i + 1]));
-    return v[0];
-  }
-};
-
-// sum_j t[j] B[c, j] for the 16 rows c of b (row stride r, float32 or bfloat16), r > 0.
-template <typename T>
-inline __m512 up16(const Reduce16& reduce, const T* b, int64_t r, const float* t) {
-  __m512 v[16];
-  for (int c = 0; c < 16; c++) v[c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < r; j += 16) {
-    const __m512 tt = load16(t + j, r - j);
-    for (int c = 0; c < 16; c++) v[c] = _mm512_fmadd_ps(load16(b + c * r + j, r - j), tt, v[c]);
-  }
-  return reduce(v);
-}
-
-// 16 float32 to bfloat16, rounded to nearest even as c10::BFloat16 (NaN -> 0x7FC0).
-inline void store_bf16(at::BFloat16* out, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
-}
-#elif defined(QPASS_AVX2)
-// sum_j t[j] B[c, j] for the 8 rows c of b (row stride r, float32 or bfloat16), r > 0.
-template <typename T>
-inline __m256 up8(const T* b, int64_t r, const float* t) {
-  __m256 v[8];
-  for (int c = 0; c < 8; c++) v[c] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < r; j += 8) {
-    const __m256 tt = load8(t + j, r - j);
-    for (int c = 0; c < 8; c++) v[c] = _mm256_fmadd_ps(load8(b + c * r + j, r - j), tt, v[c]);
-  }
-  return reduce8(v);
-}
-
-// 8 float32 to bfloat16, rounded to nearest even as c10::BFloat16 (NaN -> 0x7FC0).
-inline void store_bf16(at::BFloat16* out, __m256 v) {
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  qpass_kernels::store_u16x8(out, _mm256_blendv_epi8(qpass_kernels::bf16_bits8(v), _mm256_set1_epi32(0x7FC0), nan));
-}
-#endif
-
 // ---- row kernels: part[m * ldp + c] += sum_k x[m0 + m, k] * (c + q[k, n0 + c]) over word rows w0..w0+nr-1,
 // ---- columns c < 16 V, rows m < mr of x
+
+// Vectors of partial sums one pass holds in registers per row of x: all 16 V columns where the registers allow,
+// else chunks of them (the codes, the words and x's broadcast take the other registers).
+template <int V, int MR>
+constexpr int chunk_vectors() {
+  constexpr int all = 16 * V / kLanes;
+  constexpr int cap = kVecRegs >= 32 ? all : (MR == 1 ? 4 : 2);
+  return all < cap ? all : cap;
+}
 
 template <int V, int MR>
 inline void rows_f32(const Site& s, const Input& in, float* part, int64_t ldp, int64_t w0, int nr, int64_t n0,
                      int64_t m0, int mr) {
-#if defined(__AVX512F__)
-  __m512 p[MR][V];
-  for (int m = 0; m < mr; m++)
-    for (int v = 0; v < V; v++) p[m][v] = _mm512_loadu_ps(part + m * ldp + 16 * v);
-  const __m512i mask = _mm512_set1_epi32(15);
-  for (int64_t w = w0; w < w0 + nr; w++) {
-    const int32_t* row = s.qweight + w * s.n + n0;
-    __m512i r[V];
-    for (int v = 0; v < V; v++) r[v] = _mm512_loadu_si512(row + 16 * v);
-    for (int j = 0; j < 8; j++) {
-      __m512 qf[V];
-      for (int v = 0; v < V; v++) qf[v] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(r[v], 4 * j), mask));
-      for (int m = 0; m < mr; m++) {
-        const __m512 xv = _mm512_set1_ps(in.x[(m0 + m) * in.K + 8 * w + j]);
-        for (int v = 0; v < V; v++) p[m][v] = _mm512_fmadd_ps(xv, qf[v], p[m][v]);
-      }
-    }
-  }
-  for (int m = 0; m < mr; m++)
-    for (int v = 0; v < V; v++) _mm512_storeu_ps(part + m * ldp + 16 * v, p[m][v]);
-#elif defined(QPASS_AVX2)
-  // 16 registers: the columns in chunks of NV vectors of 8, all mr rows' sums of a chunk held in registers.
-  constexpr int NV = 2 * V < (MR == 1 ? 4 : 2) ? 2 * V : (MR == 1 ? 4 : 2);
-  const __m256i mask = _mm256_set1_epi32(15);
-  for (int c0 = 0; c0 < 16 * V; c0 += 8 * NV) {
-    __m256 p[MR][NV];
+  constexpr int NV = chunk_vectors<V, MR>();
+  for (int c0 = 0; c0 < 16 * V; c0 += kLanes * NV) {
+    Vf p[MR][NV];
     for (int m = 0; m < mr; m++)
-      for (int v = 0; v < NV; v++) p[m][v] = _mm256_loadu_ps(part + m * ldp + c0 + 8 * v);
+      for (int v = 0; v < NV; v++) p[m][v] = load(part + m * ldp + c0 + kLanes * v);
     for (int64_t w = w0; w < w0 + nr; w++) {
       const int32_t* row = s.qweight + w * s.n + n0 + c0;
-      __m256i r[NV];
-      for (int v = 0; v < NV; v++) r[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * v));
+      Vi r[NV];
+      for (int v = 0; v < NV; v++) r[v] = loadi(row + kLanes * v);
       for (int j = 0; j < 8; j++) {
-        __m256 qf[NV];
-        for (int v = 0; v < NV; v++) qf[v] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(r[v], 4 * j), mask));
+        Vf qf[NV];
+        for (int v = 0; v < NV; v++) qf[v] = nibble(r[v], 4 * j);
         for (int m = 0; m < mr; m++) {
-          const __m256 xv = _mm256_broadcast_ss(in.x + (m0 + m) * in.K + 8 * w + j);
-          for (int v = 0; v < NV; v++) p[m][v] = _mm256_fmadd_ps(xv, qf[v], p[m][v]);
+          const Vf xv = set1(in.x[(m0 + m) * in.K + 8 * w + j]);
+          for (int v = 0; v < NV; v++) p[m][v] = fmadd(xv, qf[v], p[m][v]);
         }
       }
     }
     for (int m = 0; m < mr; m++)
-      for (int v = 0; v < NV; v++) _mm256_storeu_ps(part + m * ldp + c0 + 8 * v, p[m][v]);
+      for (int v = 0; v < NV; v++) store(part + m * ldp + c0 + kLanes * v, p[m][v]);
   }
-#else  // portable: the same arithmetic, left to the compiler's vectorizer
-  for (int64_t w = w0; w < w0 + nr; w++) {
-    const int32_t* row = s.qweight + w * s.n + n0;
-    for (int j = 0; j < 8; j++)
-      for (int m = 0; m < mr; m++) {
-        const float xv = in.x[(m0 + m) * in.K + 8 * w + j];
-        for (int c = 0; c < 16 * V; c++) part[m * ldp + c] += xv * static_cast<float>((row[c] >> (4 * j)) & 15);
-      }
-  }
-#endif
 }
 
 #if defined(__AVX512BF16__)
@@ -370,13 +182,6 @@ inline void rows(const Site& s, const Input& in, float* part, int64_t ldp, int64
   rows_f32<V, MR>(s, in, part, ldp, w0, nr, n0, m0, mr);
 }
 
-#if defined(__AVX512F__)
-// The first w (<= 16) lanes: the words of a block that exist (the last block of a row may be shorter).
-inline __mmask16 live_words(int w) {
-  return w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << w) - 1);
-}
-#endif
-
 // Row stride of the AWQ partial sums: N rounded up to whole blocks of 128 columns.
 inline int64_t awq_ldp(int64_t n) { return (n + 127) / 128 * 128; }
 
@@ -389,52 +194,28 @@ inline void awq_rows_f32(const Site& s, const Input& in, float* part, int64_t ld
                          int nw, int64_t m0, int mr) {
   const int32_t* words = s.qweight + b0;
   const int64_t wpr = s.n / 8;
-#if defined(__AVX512F__)
-  const __mmask16 live = live_words(nw);
-  __m512 p[MR][8];
-  for (int m = 0; m < mr; m++)
-    for (int j = 0; j < 8; j++) p[m][j] = _mm512_loadu_ps(part + m * ldp + 16 * j);
-  const __m512i mask = _mm512_set1_epi32(15);
-  for (int64_t k = k0; k < k0 + nr; k++) {
-    const __m512i r = _mm512_maskz_loadu_epi32(live, words + k * wpr);
-    __m512 xv[MR];
-    for (int m = 0; m < mr; m++) xv[m] = _mm512_set1_ps(in.x[(m0 + m) * in.K + k]);
-    for (int j = 0; j < 8; j++) {
-      const __m512 qf = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(r, 4 * j), mask));
-      for (int m = 0; m < mr; m++) p[m][j] = _mm512_fmadd_ps(xv[m], qf, p[m][j]);
-    }
-  }
-  for (int m = 0; m < mr; m++)
-    for (int j = 0; j < 8; j++) _mm512_storeu_ps(part + m * ldp + 16 * j, p[m][j]);
-#elif defined(QPASS_AVX2)
-  // The same slots as the 16-lane loop (accumulator j = nibble j, lane = word), 8 words at a time, one row of
-  // x at a time (8 accumulators).
-  const __m256i mask = _mm256_set1_epi32(15);
-  for (int h = 0; 8 * h < nw; h++) {
-    const int live = std::min(8, nw - 8 * h);
-    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(live), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int m = 0; m < mr; m++) {
-      __m256 p[8];
-      for (int j = 0; j < 8; j++) p[j] = _mm256_loadu_ps(part + m * ldp + 16 * j + 8 * h);
+  constexpr int RM = kVecRegs >= 32 ? MR : 1;  // rows of x per pass, 8 accumulators each
+  // accumulator j holds nibble j of the block's words, lane l (+ kLanes h) word l (+ kLanes h): AwqSlots.f32
+  for (int h = 0; kLanes * h < nw; h++) {
+    const int live = std::min(kLanes, nw - kLanes * h);
+    for (int mm = 0; mm < mr; mm += RM) {
+      const int rm = std::min(RM, mr - mm);
+      Vf p[RM][8];
+      for (int m = 0; m < rm; m++)
+        for (int j = 0; j < 8; j++) p[m][j] = load(part + (mm + m) * ldp + 16 * j + kLanes * h);
       for (int64_t k = k0; k < k0 + nr; k++) {
-        const int* at = words + k * wpr + 8 * h;
-        const __m256i r = live == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)) : _mm256_maskload_epi32(at, lanes);
-        const __m256 xv = _mm256_broadcast_ss(in.x + (m0 + m) * in.K + k);
-        for (int j = 0; j < 8; j++)
-          p[j] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(r, 4 * j), mask)), p[j]);
+        const Vi r = loadi(words + k * wpr + kLanes * h, live);
+        Vf xv[RM];
+        for (int m = 0; m < rm; m++) xv[m] = set1(in.x[(m0 + mm + m) * in.K + k]);
+        for (int j = 0; j < 8; j++) {
+          const Vf qf = nibble(r, 4 * j);
+          for (int m = 0; m < rm; m++) p[m][j] = fmadd(xv[m], qf, p[m][j]);
+        }
       }
-      for (int j = 0; j < 8; j++) _mm256_storeu_ps(part + m * ldp + 16 * j + 8 * h, p[j]);
+      for (int m = 0; m < rm; m++)
+        for (int j = 0; j < 8; j++) store(part + (mm + m) * ldp + 16 * j + kLanes * h, p[m][j]);
     }
   }
-#else
-  for (int64_t k = k0; k < k0 + nr; k++)
-    for (int l = 0; l < nw; l++) {
-      const int32_t word = words[k * wpr + l];
-      for (int j = 0; j < 8; j++)
-        for (int m = 0; m < mr; m++)
-          part[m * ldp + 16 * j + l] += in.x[(m0 + m) * in.K + k] * static_cast<float>((word >> (4 * j)) & 15);
-    }
-#endif
 }
 
 #if defined(__AVX512BF16__)
@@ -456,7 +237,7 @@ inline void awq_rows_bf16(const Site& s, const Input& in, float* part, int64_t l
   const int32_t* words = s.qweight + b0;
   const int64_t wpr = s.n / 8;
   __mmask16 live[B];
-  for (int blk = 0; blk < B; blk++) live[blk] = live_words(blk == B - 1 ? nw : 16);
+  for (int blk = 0; blk < B; blk++) live[blk] = first(blk == B - 1 ? nw : 16);
   __m512 p[MR][B][8];
   for (int m = 0; m < mr; m++)
     for (int blk = 0; blk < B; blk++)
@@ -523,62 +304,31 @@ struct AwqSlots {
 // figures").
 #if defined(QPASS_AVX2)
 constexpr int kAwqRows = 16;
+constexpr bool kAwqPrefetch = true;  // see segment_awq
 #else
 constexpr int kAwqRows = 64;
+constexpr bool kAwqPrefetch = false;
 #endif
 
 constexpr int kRows = 8;  // word rows (32 of K) per pass over the partial sums
 
+inline Vf load_scales(const Site& s, int64_t i) {
+  switch (s.sdt) {
+    case at::kHalf: return load(static_cast<const c10::Half*>(s.scales) + i);
+    case at::kBFloat16: return load(static_cast<const c10::BFloat16*>(s.scales) + i);
+    default: return load(static_cast<const float*>(s.scales) + i);
+  }
+}
+
 // acc[i] += s * (p[i] - (c + z) * sum), i < 16: group g's correction of columns [n0, n0 + 16).
 inline void correct16(const Site& s, int64_t g, int64_t n0, const float* p, float* acc, float c, float sum) {
-#if defined(__AVX512F__)
   const int32_t* words = s.qzeros + g * (s.n / 8) + n0 / 8;
-  const __m512i zw = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(words[0]), _mm512_set1_epi32(words[1]));
-  const __m512i shift = s.awq ? _mm512_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28, 0, 16, 4, 20, 8, 24, 12, 28)
-                              : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-  const __m512 z = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(zw, shift), _mm512_set1_epi32(15)));
-  const int64_t i = g * s.n + n0;
-  __m512 sc;
-  switch (s.sdt) {
-    case at::kHalf:
-      sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const c10::Half*>(s.scales) + i)));
-      break;
-    case at::kBFloat16:
-      sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const c10::BFloat16*>(s.scales) + i))), 16));
-      break;
-    default: sc = _mm512_loadu_ps(static_cast<const float*>(s.scales) + i);
+  const Vi shift = loadi(kNibbleShift[s.awq]);
+  for (int h = 0; h < 16 / kLanes; h++) {  // kLanes columns (kLanes / 8 zeros words) at a time
+    const Vf z = to_float(and_(srlv(words_per_lane(words + h * kLanes / 8), shift), set1i(15)));
+    const Vf d = fnmadd(add(z, set1(c)), set1(sum), load(p + kLanes * h));
+    store(acc + kLanes * h, fmadd(load_scales(s, g * s.n + n0 + kLanes * h), d, load(acc + kLanes * h)));
   }
-  const __m512 d = _mm512_fnmadd_ps(_mm512_add_ps(z, _mm512_set1_ps(c)), _mm512_set1_ps(sum), _mm512_loadu_ps(p));
-  _mm512_storeu_ps(acc, _mm512_fmadd_ps(sc, d, _mm512_loadu_ps(acc)));
-#elif defined(QPASS_AVX2)
-  const int32_t* words = s.qzeros + g * (s.n / 8) + n0 / 8;
-  const __m256i shift = s.awq ? _mm256_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28) : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  for (int h = 0; h < 2; h++) {  // 8 columns (one zeros word) at a time
-    const __m256 z = _mm256_cvtepi32_ps(
-        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(words[h]), shift), _mm256_set1_epi32(15)));
-    const int64_t i = g * s.n + n0 + 8 * h;
-    __m256 sc;
-    switch (s.sdt) {
-      case at::kHalf:
-        sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const c10::Half*>(s.scales) + i)));
-        break;
-      case at::kBFloat16:
-        sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const c10::BFloat16*>(s.scales) + i))), 16));
-        break;
-      default: sc = _mm256_loadu_ps(static_cast<const float*>(s.scales) + i);
-    }
-    const __m256 d = _mm256_fnmadd_ps(_mm256_add_ps(z, _mm256_set1_ps(c)), _mm256_set1_ps(sum), _mm256_loadu_ps(p + 8 * h));
-    _mm256_storeu_ps(acc + 8 * h, _mm256_fmadd_ps(sc, d, _mm256_loadu_ps(acc + 8 * h)));
-  }
-#else
-  int32_t zt[16];
-  float st[16];
-  load_zeros(s, g, n0, zt, 16);
-  load_scales(s, g * s.n + n0, st, 16);
-  for (int i = 0; i < 16; i++) acc[i] += st[i] * (p[i] - (c + static_cast<float>(zt[i])) * sum);
-#endif
 }
 
 // A thread's word rows [w0, w1), all within group g, and sum of x over them per row of x (the same for every
@@ -663,13 +413,12 @@ void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part
     const int nr = static_cast<int>(std::min<int64_t>(kAwqRows, 8 * seg.w1 - k));
     for (int64_t b0 = 0; b0 < wpr; b0 += 16) {
       const int nw = static_cast<int>(std::min<int64_t>(16, wpr - b0));
-#if defined(QPASS_AVX2)
-      // The same block's lines of the next kAwqRows rows, one sweep ahead: the sweep reads kAwqRows rows a
-      // 64-byte line at a time, kAwqRows streams too many for the hardware prefetcher. (GPTQ's loop reads few
-      // enough streams for it, and is left to it.)
-      for (int64_t i = k + kAwqRows; i < std::min<int64_t>(k + kAwqRows + nr, in.K); i++)
-        __builtin_prefetch(s.qweight + i * wpr + b0, 0, 3);
-#endif
+      // AVX2 (kAwqPrefetch): the same block's lines of the next kAwqRows rows, one sweep ahead: the sweep reads
+      // kAwqRows rows a 64-byte line at a time, kAwqRows streams too many for the hardware prefetcher. (GPTQ's
+      // loop reads few enough streams for it, and is left to it.)
+      if (kAwqPrefetch)
+        for (int64_t i = k + kAwqRows; i < std::min<int64_t>(k + kAwqRows + nr, in.K); i++)
+          __builtin_prefetch(s.qweight + i * wpr + b0, 0, 3);
       if (M == 1) {
 #if defined(__AVX512BF16__)
         if (in.bf16 && wpr - b0 > 16) {  // two blocks (the second may be a tail)
@@ -695,7 +444,7 @@ void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part
   for (int64_t m = 0; m < M; m++)
     for (int64_t n0 = 0; n0 < N; n0 += 16) {
       const float* block = part + m * ldp + n0 / 128 * 128;
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
       if (in.bf16) {
         const int64_t t = n0 % 128 / 16;
         const float* acc4 = block + 16 * 4 * (t % 2);
@@ -703,12 +452,9 @@ void segment_awq(const Site& s, const Input& in, const Segment& seg, float* part
         const __m512 j01 = _mm512_permutex2var_ps(_mm512_loadu_ps(acc4), pick, _mm512_loadu_ps(acc4 + 16));
         const __m512 j23 = _mm512_permutex2var_ps(_mm512_loadu_ps(acc4 + 32), pick, _mm512_loadu_ps(acc4 + 48));
         _mm512_store_ps(v, _mm512_mask_blend_ps(slots.odd_pair, j01, j23));
-      } else {
-        _mm512_store_ps(v, _mm512_i32gather_ps(_mm512_load_si512(at + n0 % 128), block, 4));
-      }
-#else
-      for (int i = 0; i < 16; i++) v[i] = block[at[n0 % 128 + i]];
+      } else
 #endif
+        for (int h = 0; h < 16 / kLanes; h++) store(v + kLanes * h, gather(block, at + n0 % 128 + kLanes * h));
       correct16(s, seg.g, n0, v, acc + m * ldy + s.col + n0, c, seg.sums[m]);
     }
 }
@@ -762,39 +508,56 @@ std::vector<Lora> lora_from_pool(const char* op, int64_t K, const std::vector<in
   return loras;
 }
 
-// gptq4_gemv (AWQ = false) and awq4_gemv (AWQ = true); `loras`: one per site, or none.
-template <bool AWQ>
-at::Tensor gemv(const char* op, const at::Tensor& x, const std::vector<int64_t>& ns, at::TensorList qweight,
-                at::TensorList qzeros, at::TensorList scales, int64_t group, std::vector<Lora> loras) {
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(group % 8 == 0, "qpass ", op, ": group ", group, " must be a multiple of 8");
-  const bool lora = !loras.empty();
+// ---- the call, in phases ------------------------------------------------------------------------------------
+
+// The sites of one call, their output columns concatenated in order, and their LoRAs' rows of t.
+struct Call {
   std::vector<Site> sites;
-  int64_t total = 0, rt = 0, widest = 0;
+  int64_t total = 0;   // output columns
+  int64_t rt = 0;      // rows of t: the sum of the LoRA ranks
+  int64_t widest = 0;  // the widest site's N
+  bool lora = false;
+
+  // The site whose LoRA holds row j of t (and of the stacked A rows).
+  const Site& lora_owner(int64_t j) const {
+    return *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
+      return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
+  }
+};
+
+Call make_call(const char* op, bool awq, const std::vector<int64_t>& ns, at::TensorList qweight,
+               at::TensorList qzeros, at::TensorList scales, const std::vector<Lora>& loras) {
+  Call call;
+  call.lora = !loras.empty();
   for (size_t i = 0; i < ns.size(); i++) {
     const auto& sc = scales[i];
     TORCH_CHECK(sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kBFloat16 || sc.scalar_type() == at::kFloat,
                 "qpass ", op, ": scales must be float16, bfloat16 or float32");
     Site site{qweight[i].data_ptr<int32_t>(), qzeros[i].data_ptr<int32_t>(), sc.data_ptr(), sc.scalar_type(), ns[i],
-              total, Lora{}, AWQ};
-    if (lora) {
+              call.total, Lora{}, awq};
+    if (call.lora) {
       site.lora = loras[i];
-      site.lora.t_offset = rt;
-      rt += site.lora.r;
+      site.lora.t_offset = call.rt;
+      call.rt += site.lora.r;
     }
-    sites.push_back(site);
-    total += ns[i];
-    widest = std::max(widest, ns[i]);
+    call.sites.push_back(site);
+    call.total += ns[i];
+    call.widest = std::max(call.widest, ns[i]);
   }
+  return call;
+}
 
-  // x as float32 (exact from bfloat16) and, for the bf16 loop, as pairs: cheap next to the weights, done once.
+// x as float32 (exact from bfloat16) and, for the bf16 loop, as pairs (Input): cheap next to the weights, made
+// once per call. The returned Input points into xf and pairs.
+Input make_input(const at::Tensor& x, bool awq, std::vector<float>& xf, std::vector<uint32_t>& pairs) {
+  const int64_t M = x.size(0), K = x.size(1);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  std::vector<float> xf(static_cast<size_t>(M * K));
-  std::vector<uint32_t> pairs(bf16 && kBf16Loop ? static_cast<size_t>(M * K / 2) : 0);
+  xf.resize(static_cast<size_t>(M * K));
+  pairs.resize(bf16 && kBf16Loop ? static_cast<size_t>(M * K / 2) : 0);
   if (bf16) {
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     for (int64_t i = 0; i < M * K; i++) xf[i] = c10::BFloat16(xb[i], c10::BFloat16::from_bits());
-    if (kBf16Loop && AWQ)
+    if (kBf16Loop && awq)
       for (int64_t m = 0; m < M; m++)
         for (int64_t i = 0; i < K / 2; i++)
           pairs[m * (K / 2) + i] = xb[m * K + 2 * i] | static_cast<uint32_t>(xb[m * K + 2 * i + 1]) << 16;
@@ -809,113 +572,125 @@ at::Tensor gemv(const char* op, const at::Tensor& x, const std::vector<int64_t>&
   Input in;
   in.M = M, in.K = K, in.x = xf.data(), in.pairs = pairs.data();
   in.bf16 = bf16 && kBf16Loop;
+  return in;
+}
 
-  // One parallel region (each fork/join has a fixed cost, and a decode step makes several of these calls):
-  // 1. thread p: word rows [rows p / T, rows (p + 1) / T) of every site (cut into segments at group
-  //    boundaries) into its own partial sums; and its share of LoRA's t = x A^T.
-  // 2. after a barrier, thread p: its share of each site's columns: the threads' sums + scaling t B^T,
-  //    stored once in x's dtype.
-  const int64_t rows = K / 8;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)));
+// Thread p of T's word rows [rows p / T, rows (p + 1) / T), cut at group boundaries, each with its sums of x.
+std::vector<Segment> thread_segments(const Input& in, int64_t group, int p, int T) {
+  const int64_t rows = in.K / 8, w_end = rows * (p + 1) / T;
+  std::vector<Segment> segs;
+  for (int64_t w0 = rows * p / T; w0 < w_end;) {
+    const int64_t g = w0 * 8 / group, w1 = std::min(w_end, (g + 1) * group / 8);
+    std::vector<float> sums(static_cast<size_t>(in.M), 0.f);
+    for (int64_t m = 0; m < in.M; m++)
+      for (int64_t k = 8 * w0; k < 8 * w1; k++) sums[m] += in.x[m * in.K + k];
+    segs.push_back({g, w0, w1, std::move(sums)});
+    w0 = w1;
+  }
+  return segs;
+}
+
+// What thread p reads of the LoRAs after its base work: the A rows of its share of t, the B rows of its columns.
+Prefetch lora_prefetch(const Call& call, const std::vector<Segment>& segs, int64_t K, int p, int T) {
+  Prefetch pf;
+  for (int64_t j = call.rt * p / T, e = call.rt * (p + 1) / T; j < e;) {
+    const Site& s = call.lora_owner(j);
+    const int64_t stop = std::min(e, s.lora.t_offset + s.lora.r), es = s.lora.bf16 ? 2 : 4;
+    pf.add(static_cast<const char*>(s.lora.a) + (j - s.lora.t_offset) * K * es, (stop - j) * K * es);
+    j = stop;
+  }
+  for (const Site& s : call.sites) {
+    const auto [nb, ne] = thread_columns(s.n, p, T);
+    const int64_t es = s.lora.bf16 ? 2 : 4;
+    pf.add(static_cast<const char*>(s.lora.b) + nb * s.lora.r * es, (ne - nb) * s.lora.r * es);
+    for (const Segment& seg : segs) pf.total += 4 * (seg.w1 - seg.w0) * s.n;  // word rows x N words (GPTQ)
+  }                                                                           // = K rows x N/8 words (AWQ)
+  return pf;
+}
+
+// Thread p's rows of t = x A^T (M, rt).
+void lora_down(const Call& call, const Input& in, float* t, int p, int T) {
+  for (int64_t j = call.rt * p / T; j < call.rt * (p + 1) / T; j++) {
+    const Site& s = call.lora_owner(j);
+    const int64_t row = (j - s.lora.t_offset) * in.K;
+    for (int64_t m = 0; m < in.M; m++)
+      t[m * call.rt + j] = s.lora.bf16 ? dot(static_cast<const c10::BFloat16*>(s.lora.a) + row, in.x + m * in.K, in.K)
+                                       : dot(static_cast<const float*>(s.lora.a) + row, in.x + m * in.K, in.K);
+  }
+}
+
+// y's buffer: bfloat16 (x was) or float32.
+struct Output {
+  at::BFloat16* bf16;
+  float* f32;
+  void put(int64_t i, Vf v) const {
+    if (bf16 != nullptr) store(bf16 + i, v);
+    else store(f32 + i, v);
+  }
+};
+
+// Thread p's share of every site's columns: the T threads' partial sums (acc, (T, M, total)) added, plus
+// scaling t B^T, stored once in y's dtype; kLanes columns at a time (the up-projection's kLanes dots at once).
+// Whole vectors: thread_columns hands out blocks of 16 columns, and N is a multiple of 16 (check_packed).
+static_assert(16 % kLanes == 0, "a block of 16 columns is whole vectors");
+void finish_columns(const Call& call, int64_t M, const float* acc, const float* t, int p, int T, const Output& y,
+                    const ReduceLanes& reduce) {
+  const int64_t total = call.total;
+  for (const Site& s : call.sites) {
+    const auto [n_begin, n_end] = thread_columns(s.n, p, T);
+    const Lora& l = s.lora;
+    for (int64_t m = 0; m < M; m++) {
+      const float* tm = t + m * call.rt + l.t_offset;
+      const float* am = acc + m * total + s.col;  // thread q's sums at am + q M total
+      const int64_t out = m * total + s.col;
+      for (int64_t n = n_begin; n < n_end; n += kLanes) {
+        Vf v = load(am + n);
+        for (int q = 1; q < T; q++) v = add(v, load(am + q * M * total + n));
+        if (call.lora) {
+          const Vf u = l.bf16 ? up_rows(reduce, static_cast<const c10::BFloat16*>(l.b) + n * l.r, l.r, tm)
+                              : up_rows(reduce, static_cast<const float*>(l.b) + n * l.r, l.r, tm);
+          v = fmadd(set1(l.scaling), u, v);
+        }
+        y.put(out + n, v);
+      }
+    }
+  }
+}
+
+// gptq4_gemv (AWQ = false) and awq4_gemv (AWQ = true); `loras`: one per site, or none.
+// One parallel region (each fork/join has a fixed cost, and a decode step makes several of these calls):
+//  1. thread p: its word rows of every site (cut into segments at group boundaries) into its own partial sums;
+//     then its share of LoRA's t = x A^T (A and B prefetched meanwhile);
+//  2. after a barrier, thread p: its share of each site's columns (finish_columns).
+template <bool AWQ>
+at::Tensor gemv(const char* op, const at::Tensor& x, const std::vector<int64_t>& ns, at::TensorList qweight,
+                at::TensorList qzeros, at::TensorList scales, int64_t group, const std::vector<Lora>& loras) {
+  TORCH_CHECK(group % 8 == 0, "qpass ", op, ": group ", group, " must be a multiple of 8");
+  const Call call = make_call(op, AWQ, ns, qweight, qzeros, scales, loras);
+  std::vector<float> xf;
+  std::vector<uint32_t> pairs;
+  const Input in = make_input(x, AWQ, xf, pairs);
+  const int64_t M = in.M, total = call.total;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), in.K / 8)));
   std::vector<float> acc(static_cast<size_t>(threads * M * total), 0.f);
-  std::vector<float> t(static_cast<size_t>(M * rt));
+  std::vector<float> t(static_cast<size_t>(M * call.rt));
   at::Tensor y = at::empty({M, total}, x.options());
-  at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
-  float* yf = bf16 ? nullptr : y.data_ptr<float>();
-#if defined(__AVX512F__)
-  static const Reduce16 reduce;
-#endif
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const Output out{bf16 ? y.data_ptr<at::BFloat16>() : nullptr, bf16 ? nullptr : y.data_ptr<float>()};
+  static const ReduceLanes reduce;
 #pragma omp parallel num_threads(threads)
   {
     const int p = omp_get_thread_num(), T = omp_get_num_threads();
-    std::vector<float> part(static_cast<size_t>(M * awq_ldp(widest)));  // AWQ: whole blocks (GPTQ needs N)
-    const int64_t w_end = rows * (p + 1) / T;
-    std::vector<Segment> segs;
-    for (int64_t w0 = rows * p / T; w0 < w_end;) {
-      const int64_t g = w0 * 8 / group, w1 = std::min(w_end, (g + 1) * group / 8);
-      std::vector<float> sums(static_cast<size_t>(M), 0.f);
-      for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 8 * w0; k < 8 * w1; k++) sums[m] += xf[m * K + k];
-      segs.push_back({g, w0, w1, std::move(sums)});
-      w0 = w1;
-    }
-    // Row j of t (and of the stacked A rows) belongs to the site whose LoRA rows [t_offset, t_offset + r) hold it.
-    const auto owner = [&sites](int64_t j) -> const Site& {
-      return *std::find_if(sites.begin(), sites.end(), [j](const Site& c) {
-        return j >= c.lora.t_offset && j < c.lora.t_offset + c.lora.r; });
-    };
-    Prefetch pf;
-    if (lora) {
-      for (int64_t j = rt * p / T, e = rt * (p + 1) / T; j < e;) {  // the A rows of this thread's share of t
-        const Site& s = owner(j);
-        const int64_t stop = std::min(e, s.lora.t_offset + s.lora.r), es = s.lora.bf16 ? 2 : 4;
-        pf.add(static_cast<const char*>(s.lora.a) + (j - s.lora.t_offset) * K * es, (stop - j) * K * es);
-        j = stop;
-      }
-      for (const Site& s : sites) {  // the B rows of this thread's columns (phase 2)
-        const auto [nb, ne] = thread_columns(s.n, p, T);
-        const int64_t es = s.lora.bf16 ? 2 : 4;
-        pf.add(static_cast<const char*>(s.lora.b) + nb * s.lora.r * es, (ne - nb) * s.lora.r * es);
-        for (const Segment& seg : segs) pf.total += 4 * (seg.w1 - seg.w0) * s.n;  // word rows x N words (GPTQ)
-      }                                                                           // = K rows x N/8 words (AWQ)
-    }
-    for (const Site& s : sites)
+    const std::vector<Segment> segs = thread_segments(in, group, p, T);
+    Prefetch pf = call.lora ? lora_prefetch(call, segs, in.K, p, T) : Prefetch{};
+    std::vector<float> part(static_cast<size_t>(M * awq_ldp(call.widest)));  // AWQ: whole blocks (GPTQ needs N)
+    for (const Site& s : call.sites)
       for (const Segment& seg : segs)
-        (AWQ ? segment_awq : segment)(s, in, seg, part.data(), acc.data() + p * M * total, total, lora ? &pf : nullptr);
-    for (int64_t j = rt * p / T; j < rt * (p + 1) / T; j++) {
-      const Site& s = owner(j);
-      const int64_t row = (j - s.lora.t_offset) * K;
-      for (int64_t m = 0; m < M; m++)
-        t[m * rt + j] = s.lora.bf16 ? dot(static_cast<const c10::BFloat16*>(s.lora.a) + row, xf.data() + m * K, K)
-                                    : dot(static_cast<const float*>(s.lora.a) + row, xf.data() + m * K, K);
-    }
+        (AWQ ? segment_awq : segment)(s, in, seg, part.data(), acc.data() + p * M * total, total,
+                                      call.lora ? &pf : nullptr);
+    lora_down(call, in, t.data(), p, T);
 #pragma omp barrier
-    for (const Site& s : sites) {  // thread p: its share of every site's columns, in blocks of 16
-      const auto [n_begin, n_end] = thread_columns(s.n, p, T);
-      for (int64_t m = 0; m < M; m++) {
-        const float* tm = t.data() + m * rt + s.lora.t_offset;
-        const float* am = acc.data() + m * total + s.col;  // thread q's sums at am + q M total
-        int64_t n = n_begin;
-#if defined(__AVX512F__)
-        for (; n + 16 <= n_end; n += 16) {  // 16 columns: sums, up-projection (16 dots at once), one rounding
-          __m512 v = _mm512_loadu_ps(am + n);
-          for (int q = 1; q < T; q++) v = _mm512_add_ps(v, _mm512_loadu_ps(am + q * M * total + n));
-          if (lora) {
-            const int64_t at = n * s.lora.r;
-            const __m512 u = s.lora.bf16 ? up16(reduce, static_cast<const c10::BFloat16*>(s.lora.b) + at, s.lora.r, tm)
-                                         : up16(reduce, static_cast<const float*>(s.lora.b) + at, s.lora.r, tm);
-            v = _mm512_fmadd_ps(_mm512_set1_ps(s.lora.scaling), u, v);
-          }
-          if (yb != nullptr) store_bf16(yb + m * total + s.col + n, v);
-          else _mm512_storeu_ps(yf + m * total + s.col + n, v);
-        }
-#elif defined(QPASS_AVX2)
-        for (; n + 8 <= n_end; n += 8) {  // 8 columns: sums, up-projection (8 dots at once), one rounding
-          __m256 v = _mm256_loadu_ps(am + n);
-          for (int q = 1; q < T; q++) v = _mm256_add_ps(v, _mm256_loadu_ps(am + q * M * total + n));
-          if (lora) {
-            const int64_t at = n * s.lora.r;
-            const __m256 u = s.lora.bf16 ? up8(static_cast<const c10::BFloat16*>(s.lora.b) + at, s.lora.r, tm)
-                                         : up8(static_cast<const float*>(s.lora.b) + at, s.lora.r, tm);
-            v = _mm256_fmadd_ps(_mm256_set1_ps(s.lora.scaling), u, v);
-          }
-          if (yb != nullptr) store_bf16(yb + m * total + s.col + n, v);
-          else _mm256_storeu_ps(yf + m * total + s.col + n, v);
-        }
-#endif
-        for (; n < n_end; n++) {
-          float v = 0.f;
-          for (int q = 0; q < T; q++) v += am[q * M * total + n];
-          if (lora) {
-            const int64_t at = n * s.lora.r;
-            v += s.lora.scaling * (s.lora.bf16 ? dot(static_cast<const c10::BFloat16*>(s.lora.b) + at, tm, s.lora.r)
-                                               : dot(static_cast<const float*>(s.lora.b) + at, tm, s.lora.r));
-          }
-          if (yb != nullptr) yb[m * total + s.col + n] = c10::BFloat16(v);  // round to nearest even
-          else yf[m * total + s.col + n] = v;
-        }
-      }
-    }
+    finish_columns(call, M, acc.data(), t.data(), p, T, out, reduce);
   }
   return y;
 }

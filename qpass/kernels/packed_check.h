@@ -49,6 +49,10 @@ inline void store_u16x8(void* out, __m256i b) {
 // word, in AutoAWQ's interleave for AWQ.
 inline int nibble_shift(bool awq, int64_t n) { return 4 * (awq ? kAwqNibble[n % 8] : n % 8); }
 
+// The same for 16 columns at once: lane i holds nibble_shift(awq, i) (GPTQ: kNibbleShift[0], AWQ: [1]).
+alignas(64) constexpr int32_t kNibbleShift[2][16] = {{0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28},
+                                                     {0, 16, 4, 20, 8, 24, 12, 28, 0, 16, 4, 20, 8, 24, 12, 28}};
+
 // Checks `op`'s per-site lists for 4-bit GPTQ packing (awq = false: int32 qweight (K/8, N)) or AWQ packing
 // (awq = true: int32 qweight (K, N/8)) with in_features K: one qweight, qzeros (G, N/8) and scales (G, N) per
 // site, contiguous, on CPU; the group divides K (GPTQ: and is a multiple of 8); N a multiple of 16.
