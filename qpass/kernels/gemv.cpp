@@ -114,11 +114,16 @@ inline void rows_f32(const Site& s, const Input& in, float* part, int64_t ldp, i
       Vi r[NV];
       for (int v = 0; v < NV; v++) r[v] = loadi(row + kLanes * v);
       for (int j = 0; j < 8; j++) {
-        Vf qf[NV];
-        for (int v = 0; v < NV; v++) qf[v] = nibble(r[v], 4 * j);
-        for (int m = 0; m < mr; m++) {
-          const Vf xv = set1(in.x[(m0 + m) * in.K + 8 * w + j]);
-          for (int v = 0; v < NV; v++) p[m][v] = fmadd(xv, qf[v], p[m][v]);
+        if constexpr (MR == 1) {  // one code vector live at a time (fewer registers: no copies on AVX2)
+          const Vf xv = set1(in.x[m0 * in.K + 8 * w + j]);
+          for (int v = 0; v < NV; v++) p[0][v] = fmadd(xv, nibble(r[v], 4 * j), p[0][v]);
+        } else {  // the code vectors made once for all rows
+          Vf qf[NV];
+          for (int v = 0; v < NV; v++) qf[v] = nibble(r[v], 4 * j);
+          for (int m = 0; m < mr; m++) {
+            const Vf xv = set1(in.x[(m0 + m) * in.K + 8 * w + j]);
+            for (int v = 0; v < NV; v++) p[m][v] = fmadd(xv, qf[v], p[m][v]);
+          }
         }
       }
     }
