@@ -350,6 +350,18 @@ def _sibling_case(kinds, dtype, adapter_dtype, lora):
     return {"calls": len(calls), "outputs": len(ys), "ratios": ratios}
 
 
+def fake_cuda_sites():
+    """Fake CUDA operands of a two-site GPTQ call (K 128, N 64 and 128, group 32): x (3, 128) bf16 and the
+    qweight, qzeros, scales lists. Call inside a FakeTensorMode."""
+    import torch
+
+    x = torch.empty(3, 128, dtype=torch.bfloat16, device="cuda")
+    qw = [torch.empty(16, n, dtype=torch.int32, device="cuda") for n in (64, 128)]
+    qz = [torch.empty(4, n // 8, dtype=torch.int32, device="cuda") for n in (64, 128)]
+    sc = [torch.empty(4, n, dtype=torch.float16, device="cuda") for n in (64, 128)]
+    return x, qw, qz, sc
+
+
 def _fake_and_opcheck():
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -359,11 +371,7 @@ def _fake_and_opcheck():
 
     op = torch.ops.qpass_triton.int4_gemv
     with FakeTensorMode():
-        cuda = dict(device="cuda")
-        x = torch.empty(3, 128, dtype=torch.bfloat16, **cuda)
-        qw = [torch.empty(16, n, dtype=torch.int32, **cuda) for n in (64, 128)]
-        qz = [torch.empty(4, n // 8, dtype=torch.int32, **cuda) for n in (64, 128)]
-        sc = [torch.empty(4, n, dtype=torch.float16, **cuda) for n in (64, 128)]
+        x, qw, qz, sc = fake_cuda_sites()
         y = op(x, qw, qz, sc, [None, None], [None, None], [32, 32], False, [], [], [])
     layer = _layer("gptq-act", 64, 64, 32, True, seed=9, scales_dtype=torch.float16)
     own = {b: getattr(layer, b) for b in match(layer).buffers}
@@ -403,24 +411,41 @@ def _traced_on_fake_cuda():
     return {"ops": len(ops), "outputs": [[list(o.shape), str(o.dtype), str(o.device)] for o in outs]}
 
 
-def _choose():
+def choice_sites():
+    """One prepared 64x64 site per layer kind the choose() checks cover, by kind, and the models (a site holds
+    its module weakly: keep them alive)."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     import qpass
-    from qpass import lowering
-    from qpass.lowering.triton import GemvCuda
 
-    sites, models = {}, []  # a site holds its module weakly
+    sites, models = {}, []
     for kind in ("gptq-sym", "gptq-act", "awq", "gptq3"):
         model = torch.nn.Module()
         models.append(model)
         model.add_module("proj", _layer(kind, 64, 64, 32, False, seed=3, scales_dtype=torch.float16))
         qpass.prepare(model, qpass.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
         sites[kind] = next(iter(model._qpass.sites.values()))
+    return sites, models
+
+
+def cuda_inputs(tokens: tuple) -> dict:
+    """Fake CUDA inputs (1, t, 64) by (dtype name, t): what a graph on a GPU shows the lowering's choice."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
-        fakes = {(d, t): torch.empty(1, t, 64, dtype=getattr(torch, d), device="cuda")
-                 for d in ("bfloat16", "float16", "float32") for t in (1, 16, 17)}
+        return {(d, t): torch.empty(1, t, 64, dtype=getattr(torch, d), device="cuda")
+                for d in ("bfloat16", "float16", "float32") for t in tokens}
+
+
+def _choose():
+    import torch
+
+    from qpass import lowering
+    from qpass.lowering.triton import GemvCuda
+
+    sites, _models = choice_sites()  # the models keep the sites alive
+    fakes = cuda_inputs((1, 16, 17))
     out, unchanged, applies = {}, [], []
     for kind, site in sites.items():
         for (d, t), x in fakes.items():

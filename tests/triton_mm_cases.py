@@ -157,14 +157,10 @@ def _fake_and_opcheck():
 
     from qpass.kernels import triton_mm
     from qpass.quant import match
-    from test_triton import _layer
+    from test_triton import _layer, fake_cuda_sites
 
     with FakeTensorMode():
-        cuda = dict(device="cuda")
-        x = torch.empty(3, 128, dtype=torch.bfloat16, **cuda)
-        qw = [torch.empty(16, n, dtype=torch.int32, **cuda) for n in (64, 128)]
-        qz = [torch.empty(4, n // 8, dtype=torch.int32, **cuda) for n in (64, 128)]
-        sc = [torch.empty(4, n, dtype=torch.float16, **cuda) for n in (64, 128)]
+        x, qw, qz, sc = fake_cuda_sites()
         y = torch.ops.qpass_triton.int4_mm(x, qw, qz, sc, [None, None], [None, None], [32, 32], False, [], [])
         dx = torch.ops.qpass_triton.int4_mm_dx(y, qw, qz, sc, [None, None], [32, 32], False)
     layers = [_layer(kind, 64, 64, 32, bias, seed=9, scales_dtype=torch.float16)
@@ -223,23 +219,13 @@ def _traced_training_graph():
 
 def _choose():
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import qpass
     from qpass import lowering
     from qpass.lowering.triton_mm import MmCuda
-    from test_triton import _layer
+    from test_triton import choice_sites, cuda_inputs
 
-    sites, models = {}, []  # a site holds its module weakly
-    for kind in ("gptq-sym", "gptq-act", "awq", "gptq3"):
-        model = torch.nn.Module()
-        models.append(model)
-        model.add_module("proj", _layer(kind, 64, 64, 32, False, seed=3, scales_dtype=torch.float16))
-        qpass.prepare(model, qpass.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
-        sites[kind] = next(iter(model._qpass.sites.values()))
-    with FakeTensorMode():
-        fakes = {(d, t): torch.empty(1, t, 64, dtype=getattr(torch, d), device="cuda")
-                 for d in ("bfloat16", "float16", "float32") for t in (1, 40)}
+    sites, _models = choice_sites()  # the models keep the sites alive
+    fakes = cuda_inputs((1, 40))
     out = {"requested": {}, "auto": [], "applies": []}
     for kind, site in sites.items():
         for (d, t), x in fakes.items():
