@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from qpass.log import Step  # noqa: E402
+from qpass.testing import kv_cache  # noqa: E402
 
 PROGRESS_BAR = __name__ == "__main__"  # the timed rounds' bar (stderr); off when a test imports the harness
 
@@ -263,7 +264,7 @@ class Workloads:
             self._mode(cfg, False)
             cache = DynamicCache(config=getattr(cfg.model, "config", None))
             with torch.no_grad():
-                cfg.model(self.prompt, past_key_values=cache, use_cache=True)  # eager prefill fills the cache
+                cfg.model(self.prompt, **kv_cache(cache), use_cache=True)  # eager prefill fills the cache
             self.caches[cfg.name] = cache
         return self.caches[cfg.name]
 
@@ -280,7 +281,7 @@ class Workloads:
         self._mode(cfg, False)
         n = self.prompt.shape[1]
         with torch.no_grad():
-            out = cfg.call(self.next_token, past_key_values=cache, use_cache=True,
+            out = cfg.call(self.next_token, **kv_cache(cache), use_cache=True,
                            cache_position=torch.tensor([n]), position_ids=torch.tensor([[n]]))
         cache.crop(-1)  # back to the prompt: every timed step sees the same shapes
         return out.logits
@@ -472,7 +473,7 @@ def recompile_check(w, cfg):
             ids = torch.tensor(w.prompt[:, : n - 4 * phase].tolist())  # another prompt length the second time (fresh: a
             # sliced view would add a stride guard, a recompile that real contiguous inputs never cause)
             torch._dynamo.mark_dynamic(ids, 1)
-            compiled(ids, past_key_values=cache, use_cache=True)
+            compiled(ids, **kv_cache(cache), use_cache=True)
             log.append(("prefill", phase, frames() - before))
             pos = ids.shape[1]
             for step in range(3):
@@ -480,7 +481,7 @@ def recompile_check(w, cfg):
                 for layer in getattr(cache, "layers", []):
                     for t in (layer.keys, layer.values):
                         torch._dynamo.mark_dynamic(t, 2)
-                compiled(w.next_token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]),
+                compiled(w.next_token, **kv_cache(cache), use_cache=True, cache_position=torch.tensor([pos]),
                          position_ids=torch.tensor([[pos]]))
                 log.append(("decode", phase * 3 + step, frames() - before))
                 pos += 1
@@ -793,11 +794,11 @@ class CudaWorkloads:
         with torch.no_grad():
             if cfg.name not in self.caches:  # the prompt, eagerly: the cache's tensors are made outside any graph
                 cache = StaticCache(config=cfg.model.config, max_cache_len=CUDA_PROMPT + 1)
-                cfg.model(self.prompt, past_key_values=cache, use_cache=True)
+                cfg.model(self.prompt, **kv_cache(cache), use_cache=True)
                 self.caches[cfg.name] = cache
             torch.compiler.cudagraph_mark_step_begin()
             cache = self.caches[cfg.name]
-            logits = cfg.decode_call(self.ids["decode"], past_key_values=cache, cache_position=self.position,
+            logits = cfg.decode_call(self.ids["decode"], **kv_cache(cache), cache_position=self.position,
                                      use_cache=True).logits
             if getattr(cache.layers[0], "cumulative_length", None) is not None:
                 cache.crop(-1)  # transformers 5.x counts the positions written: back to the prompt's

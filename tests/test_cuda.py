@@ -178,6 +178,8 @@ def test_cuda_graph_decode_with_static_cache_matches_peft(tmp_path):
     (eager, its own StaticCache) within the bf16 tolerance, and inductor skipped no graph."""
     from transformers import StaticCache
 
+    from qpass.testing import kv_cache
+
     dtype = torch.bfloat16
     oracle, path = _peft_and_dir("gptq", dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
     model = qpass.compile(_gptq(dtype), path, mode="reduce-overhead")
@@ -187,13 +189,13 @@ def test_cuda_graph_decode_with_static_cache_matches_peft(tmp_path):
     with torch.no_grad():
         # the prompt fills each cache eagerly (`forward` bypasses the compiled call): the cache's tensors are made,
         # and marked static, outside the graph
-        model.forward(prompt, past_key_values=caches[0], use_cache=True)
-        oracle(prompt, past_key_values=caches[1], use_cache=True)
+        model.forward(prompt, **kv_cache(caches[0]), use_cache=True)
+        oracle(prompt, **kv_cache(caches[1]), use_cache=True)
         for i in range(steps.shape[1]):
             pos = torch.tensor([prompt.shape[1] + i], device=DEVICE)
             token = steps[:, i : i + 1]
-            ours = model(token, past_key_values=caches[0], cache_position=pos, use_cache=True).logits.clone()
-            ref = oracle(token, past_key_values=caches[1], cache_position=pos, use_cache=True).logits
+            ours = model(token, **kv_cache(caches[0]), cache_position=pos, use_cache=True).logits.clone()
+            ref = oracle(token, **kv_cache(caches[1]), cache_position=pos, use_cache=True).logits
             assert_close(ours, ref, dtype)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
     assert all(b.startswith(DECODE_LOWERING) for b in _bases(model)), _bases(model)

@@ -13,6 +13,7 @@ from .toy import (
     build_llama,
     demo_tokenizer,
     gptq_linear_from,
+    kv_cache,
     quantize_awq,
     quantize_gptq,
     rtn_quantize,
@@ -23,6 +24,6 @@ from .toy import (
 
 __all__ = [
     "DEMO_SENTENCES", "LLAMA_PROJECTIONS", "awq_linear_from", "awq_rtn", "build_llama", "demo_tokenizer",
-    "gptq_linear_from", "quantize_awq", "quantize_gptq", "rtn_quantize", "tiny_awq_llama", "tiny_gptq_llama",
+    "gptq_linear_from", "kv_cache", "quantize_awq", "quantize_gptq", "rtn_quantize", "tiny_awq_llama", "tiny_gptq_llama",
     "write_demo_checkpoint",
 ]

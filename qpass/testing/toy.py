@@ -288,3 +288,14 @@ def write_demo_checkpoint(out, method: str = "gptq") -> None:
         model.quantize(calibration, batch_size=1)
         model.save(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+def kv_cache(cache) -> dict:
+    """The keyword argument that passes a KV cache to a transformers model's forward: `cache` where the installed
+    transformers has it (5.25 deprecates `past_key_values` for it), else `past_key_values`."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    name = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    return {name: cache}
