@@ -138,13 +138,16 @@ def _refresh(state, slots: bool = True) -> None:
 def _poolable(slot, dtype=None, device=None, shared=()) -> bool:
     """A slot of a low-rank spec whose tensors are exactly A, B and scaling (`LowRank.plain`, no bias) and that
     qpass may move into a pool: plain tensors, each the whole of its storage or a view of one of the `shared`
-    storages (the model's pool), never a view into someone else's buffer (FSDP2's unsharded parameters view
-    its all-gather buffer; its shards are DTensors)."""
+    storages (the model's pool), registered through the module API (`AdapterSlot.adoptable`): never tensors
+    someone else manages (FSDP2's shards are DTensors; its unsharded parameters, each a whole storage, are
+    swapped in through `_parameters`)."""
     decl = slot.spec.low_rank
     if decl is None or not decl.plain or list(slot.tensor_names) != [decl.a, decl.b, decl.scaling]:
         return False
     a, b, s = slot.tensors()
     if not all(_plain(t) and _own(t, shared) for t in (a, b, s)):
+        return False
+    if not all(slot.adoptable(name) for name in slot.tensor_names):  # e.g. FSDP2's unsharded parameters
         return False
     if a.dtype not in DTYPES or b.dtype != a.dtype or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
         return False

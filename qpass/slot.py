@@ -47,6 +47,18 @@ class _Holder(nn.Module):
         if slot is not None:
             pool.invalidate_slot(slot)
         super().register_parameter(name, param)
+        # What was registered here through the module API (qpass, `holder.weight = ...`, load_state_dict with
+        # assign): the parameters qpass may move into a pool. FSDP2 swaps its own in through `_parameters[...]`
+        # (no register_parameter), and those must stay where FSDP2 keeps them. Copies and pickles keep the
+        # identity (one memo with `_parameters`).
+        self.__dict__.setdefault("_qpass_registered", {})[name] = param
+
+    def registered(self, name: str) -> bool:
+        """Whether the parameter `name` holds now is the one last registered through `register_parameter`."""
+        registered = self.__dict__.get("_qpass_registered")
+        if registered is None:  # pickled before qpass kept this record: every parameter counts as registered
+            return True
+        return registered.get(name) is self._parameters.get(name)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -152,6 +164,15 @@ class AdapterSlot(nn.Module):
                 owner.add_module(part, _Holder(self))
             owner = owner._modules[part]
         owner.register_parameter(leaf, value)
+
+    def adoptable(self, dotted: str) -> bool:
+        """Whether qpass may move tensor `dotted` into a pool: not a parameter someone else put on a holder
+        (FSDP2's sharded or unsharded parameters; _Holder.register_parameter)."""
+        owner = self
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            owner = owner._modules[part]
+        return not isinstance(owner, _Holder) or leaf not in owner._parameters or owner.registered(leaf)
 
     def get(self, dotted: str) -> torch.Tensor:
         owner = self

@@ -161,3 +161,23 @@ def test_another_backend_runs_the_pooled_op_as_it_is(monkeypatch):
     out, ref = _step(torch.compile(model, backend="aot_eager"), model, input_ids(batch=1, seq=1))
     assert len(expanded) >= SITES
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL)
+
+
+def test_parameters_swapped_in_by_someone_else_are_never_pooled():
+    """FSDP2 swaps its own parameters onto the holders through `module._parameters[...]` (no
+    `register_parameter`); a rebuild (`ensure`, after each compile) must leave them where FSDP2 keeps them,
+    while a parameter assigned through the module API is taken into the new pool."""
+    model = _model()
+    state = model._qpass
+    slots = [slot for site in state.sites.values() for slot in site.slots.values()]
+    theirs, ours = slots[0], slots[1]
+    swapped = nn.Parameter(theirs.get("lora_B.weight").detach().clone())
+    theirs.lora_B._parameters["weight"] = swapped  # as FSDP2's unsafe_setattr_param does
+    ours.lora_B.weight = nn.Parameter(ours.get("lora_B.weight").detach().clone())  # the module API
+    pool.invalidate(state)
+    ptr = swapped.data_ptr()
+    pool.ensure(state)
+    assert state.pool.key is not None and not state.pool.stale
+    assert theirs.pool_entry is None and swapped.data_ptr() == ptr and theirs.get("lora_B.weight") is swapped
+    assert ours.pool_entry is not None and pool.aliased(ours)
+    assert sum(slot.pool_entry is not None for slot in slots) == len(slots) - 1
