@@ -43,13 +43,20 @@ inline Vf load(const c10::BFloat16* p, int64_t n) {
 }
 inline Vf load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline void store(float* p, Vf v) { _mm512_storeu_ps(p, v); }
-// rounded to nearest even as c10::BFloat16 (NaN -> 0x7FC0)
-inline void store(c10::BFloat16* p, Vf v) {
+// lane i: v[i] rounded to nearest even as bfloat16 bits, in the low 16 bits (v[i] finite; the AVX2 twin is
+// packed_check.h's bf16_bits8)
+inline __m512i bf16_bits16(Vf v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+}
+inline void store_u16x16(c10::BFloat16* p, __m512i bits) {  // the low 16 bits of each lane
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+}
+// rounded to nearest even as c10::BFloat16 (NaN -> 0x7FC0)
+inline void store(c10::BFloat16* p, Vf v) {
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  store_u16x16(p, _mm512_mask_mov_epi32(bf16_bits16(v), nan, _mm512_set1_epi32(0x7FC0)));
 }
 inline Vf add(Vf a, Vf b) { return _mm512_add_ps(a, b); }
 inline Vf fmadd(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
@@ -63,12 +70,7 @@ inline Vi subi(Vi a, Vi b) { return _mm512_sub_epi32(a, b); }
 inline Vi load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 // to the nearest float16 / bfloat16 value and back (finite inputs), round to nearest even
 inline Vf round_half(Vf v) { return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
-inline Vf round_bf16(Vf v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
-                                              _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
-}
+inline Vf round_bf16(Vf v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); }
 inline void store(c10::Half* p, Vf v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -77,10 +79,7 @@ inline void store_finite(c10::BFloat16* p, Vf v) {
 #if defined(__AVX512BF16__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 #else
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  store_u16x16(p, bf16_bits16(v));
 #endif
 }
 
