@@ -10,8 +10,11 @@
   StaticCache, every step's logits against PEFT's, no cudagraph skip.
 * mm-cuda (qpass's Triton dequant-GEMM, requested with `qpass.backend(lowering="mm-cuda")`: "auto" keeps
   torch-dequant for prefill and training): every case of tests/triton_mm_cases.py (forward and x's gradient)
-  against the float64 reference, prefill logits against PEFT (GPTQ bf16, AWQ fp16) and one SGD step against
-  PEFT's (GPTQ float32: 1e-3; AWQ bf16: 5e-2), the report naming mm-cuda for every site.
+  against the float64 reference.
+* Both Triton lowerings requested on whole models (tests/triton_model_cases.py, which test_triton.py also runs
+  under the interpreter): gemv-cuda decode and mm-cuda prefill logits against PEFT (GPTQ bf16, AWQ fp16), one
+  mm-cuda SGD step against PEFT's (GPTQ float32: 1e-3; AWQ bf16: 5e-2), the report naming the lowering for
+  every site.
 * QA-LoRA and OFT against PEFT, AdaLoRA against eager qpass (PEFT's AdaLoRA GPTQ class dispatches through
   a CPU-only gptqmodel class), all through `qpass.compile`: decode, prefill and a backward.
 
@@ -28,61 +31,25 @@ peft = pytest.importorskip("peft")
 import qpass
 from qpass import lowering
 
-from adapter_parity import assert_close, make_model, max_rel, randomize, trainable
+from adapter_parity import assert_close, max_rel, randomize, trainable
 from conftest import input_ids
 from triton_mm_cases import MM_CASES, mm_case
+from triton_model_cases import BASES, MODEL_CASES, judge, model_case, peft_oracle, updates
 
 DEVICE = "cuda"
 DECODE_LOWERING = "gemv-cuda"  # what the report shows for decode-shaped graphs on this device
 PREFILL_LOWERING = "torch-dequant"  # and for prefill graphs
-MM_LOWERING = "mm-cuda"  # the fused dequant-GEMM, on request
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _no_cache(model):
-    model.config.use_cache = False  # no DynamicCache built inside a compiled forward (module docstring)
-    return model
-
-
 def _gptq(dtype):
-    return _no_cache(make_model(dtype).to(DEVICE))
-
-
-def _awq(dtype):
-    from qpass.testing import tiny_awq_llama
-
-    return _no_cache(tiny_awq_llama(dtype=dtype).to(DEVICE))
-
-
-def _dense_twin(model):
-    """`model` with every AWQ layer replaced by an nn.Linear holding AutoAWQ's own dequantized weight."""
-    from awq.modules.linear.gemm import WQLinear_GEMM
-    from awq.utils.packing_utils import dequantize_gemm
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, WQLinear_GEMM):
-            w = dequantize_gemm(module.qweight, module.qzeros, module.scales, 4, module.group_size)
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     device=w.device, dtype=model.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(w.t())
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, linear)
-    return model
-
-
-BASES = {"gptq": (_gptq, _gptq), "awq": (_awq, lambda dtype: _dense_twin(_awq(dtype)))}  # (qpass base, PEFT base)
+    return BASES["gptq"][0](dtype, DEVICE)
 
 
 def _peft_and_dir(kind, dtype, tmp_path, config):
     """The PEFT oracle (random adapter, std 0.1) and the directory PEFT saved it to."""
-    oracle = peft.get_peft_model(BASES[kind][1](dtype), config)
-    randomize(oracle, ("lora_", "oft_R"), std=0.1)
-    oracle.save_pretrained(str(tmp_path))
-    return oracle.eval(), str(tmp_path)
+    return peft_oracle(kind, dtype, tmp_path, config, DEVICE), str(tmp_path)
 
 
 def _ids(batch, seq, seed=0):
@@ -141,7 +108,7 @@ def test_kernel_replays_from_a_cuda_graph():
 def test_decode_and_prefill_match_peft(kind, dtype, tmp_path):
     dtype = DTYPES[dtype]
     oracle, path = _peft_and_dir(kind, dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
-    model = qpass.compile(BASES[kind][0](dtype), path)
+    model = qpass.compile(BASES[kind][0](dtype, DEVICE), path)
     decode, prefill = _ids(1, 1, seed=1), _ids(2, 12)
     with torch.no_grad():
         assert_close(model(decode).logits, oracle(decode).logits, dtype)
@@ -152,23 +119,13 @@ def test_decode_and_prefill_match_peft(kind, dtype, tmp_path):
     assert all(DECODE_LOWERING in b and PREFILL_LOWERING in b for b in _bases(model)), _bases(model)
 
 
-def _updates(model, ids, labels, lr=0.5) -> dict:
-    """One SGD step on the trainable tensors; {name: update} in float32."""
-    params = trainable(model)
-    before = {k: p.detach().clone() for k, p in params.items()}
-    opt = torch.optim.SGD(list(params.values()), lr=lr)
-    model(input_ids=ids, labels=labels).loss.backward()
-    opt.step()
-    return {k: (p.detach() - before[k]).float() for k, p in params.items()}
-
-
 @pytest.mark.parametrize("kind,dtype,tol", [("gptq", "fp32", 1e-3), ("awq", "fp32", 1e-3), ("gptq", "bf16", 5e-2)])
 def test_sgd_step_matches_peft(kind, dtype, tol, tmp_path):
     dtype = DTYPES[dtype]
     oracle, path = _peft_and_dir(kind, dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
     ids, labels = _ids(2, 12, seed=1), _ids(2, 12, seed=2)
-    ref = _updates(peft.PeftModel.from_pretrained(BASES[kind][1](dtype), path, is_trainable=True), ids, labels)
-    ours = _updates(qpass.compile(BASES[kind][0](dtype), path), ids, labels)
+    ref = updates(peft.PeftModel.from_pretrained(BASES[kind][1](dtype, DEVICE), path, is_trainable=True), ids, labels)
+    ours = updates(qpass.compile(BASES[kind][0](dtype, DEVICE), path), ids, labels)
     assert len(ours) == len(ref) > 0
     assert max_rel(ours, ref) < tol
 
@@ -210,38 +167,11 @@ def test_mm_kernel_on_the_gpu_matches_the_float64_reference(case):
     assert all(r[k] <= 1.0 for k in ("ratio", "ratio_eager", "dx_ratio", "dx_ratio_eager")), r
 
 
-def _mm_compiled(model, path):
-    """`model` prepared with the adapter in `path`, compiled with the mm-cuda lowering requested (as
-    benchmarks/run.py's qpass_mm_cuda configuration)."""
-    qpass.prepare(model, path)
-    return torch.compile(model, backend=qpass.backend(lowering=MM_LOWERING),
-                         options={"guard_filter_fn": qpass.guard_filter})
-
-
-@pytest.mark.parametrize("kind,dtype", [("gptq", "bf16"), ("awq", "fp16")])
-def test_mm_cuda_prefill_matches_peft(kind, dtype, tmp_path):
-    dtype = DTYPES[dtype]
-    oracle, path = _peft_and_dir(kind, dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
-    model = BASES[kind][0](dtype)
-    compiled, prefill = _mm_compiled(model, path), _ids(2, 40)
-    with torch.no_grad():
-        assert_close(compiled(prefill).logits, oracle(prefill).logits, dtype)
-    assert lowering.repacked_bytes(list(model._qpass.sites.values())) == 0  # the library's buffers, as they are
-    assert _bases(model) and all(b.startswith(MM_LOWERING) for b in _bases(model)), _bases(model)
-
-
-@pytest.mark.parametrize("kind,dtype,tol", [("gptq", "fp32", 1e-3), ("awq", "bf16", 5e-2)])
-def test_mm_cuda_sgd_step_matches_peft(kind, dtype, tol, tmp_path):
-    """The backward through `int4_mm_dx`: every LoRA update of one SGD step against PEFT's."""
-    dtype = DTYPES[dtype]
-    _, path = _peft_and_dir(kind, dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
-    ids, labels = _ids(2, 24, seed=1), _ids(2, 24, seed=2)
-    ref = _updates(peft.PeftModel.from_pretrained(BASES[kind][1](dtype), path, is_trainable=True), ids, labels)
-    model = BASES[kind][0](dtype)
-    ours = _updates(_mm_compiled(model, path), ids, labels)
-    assert len(ours) == len(ref) > 0
-    assert max_rel(ours, ref) < tol
-    assert _bases(model) and all(b.startswith(MM_LOWERING) for b in _bases(model)), _bases(model)
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_model_on_a_requested_triton_lowering_matches_peft(case):
+    """tests/triton_model_cases.py on the GPU with inductor: gemv-cuda decode and mm-cuda prefill logits, and mm-cuda
+    SGD steps (the backward through `int4_mm_dx`), against PEFT; every site on the lowering requested."""
+    judge(case, model_case(*MODEL_CASES[case], device=DEVICE, inner="inductor"))
 
 
 # ---- the other adapter kinds ----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ lowering) and the prefill/training dequant-GEMM (`qpass_triton::int4_mm` + `int4
 bounds in tests/triton_mm_cases.py, the `test_mm_*` tests below):
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors, in a child process (the variable
 must be set before triton is imported; this pytest process never imports it). The child is this file run as a
-script: it computes every case and writes the numbers to a JSON file; the tests below judge them.
+script: it computes every case and writes the numbers to a JSON file; the tests below judge them. Whole models
+compiled onto either lowering: tests/triton_model_cases.py.
 
 Layers are real: gptqmodel `TorchLinear` (sym, asym, act-order) and autoawq `WQLinear_GEMM`, packed by the
 libraries' own packers (qpass.testing). The reference is float64: the layout's own dequantize (bit-exact with
@@ -30,6 +31,7 @@ import sys
 import pytest
 
 from triton_mm_cases import MM_CASES
+from triton_model_cases import MODEL_CASES, judge
 
 if importlib.util.find_spec("triton") is None:  # pragma: no cover - triton ships with torch's Linux wheels
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -190,6 +192,18 @@ def test_mm_cuda_on_request_only(interpreted):
     assert len(c["requested"]) == 36 and set(c["requested"].values()) == {"mm-cuda"}, c["requested"]
     assert c["gptq3"] == "torch-dequant" and c["cpu"] == "torch-dequant"
     assert c["auto"] == [] and c["applies"] == []
+
+
+# ---- both Triton lowerings on whole models (tests/triton_model_cases.py) ------------------------------------
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_model_compiled_onto_a_triton_lowering_matches_peft(interpreted, case):
+    """A tiny Llama of real GPTQ / AWQ layers with LoRA on all 7 projections, compiled through qpass's backend
+    (aot_eager behind it) with gemv-cuda or mm-cuda requested, on CPU tensors through the interpreter: decode or
+    prefill logits, or one SGD step (mm-cuda's backward), against PEFT; every site on the lowering requested and
+    no repacked weight. The same cases run on a GPU with inductor in tests/test_cuda.py."""
+    judge(case, interpreted["model"][case])
 
 
 # ---- the child: everything below runs under TRITON_INTERPRET=1 -----------------------------------------------
@@ -481,13 +495,14 @@ SIBLING_CASES = {  # name: (q, k, v as (kind, N, bias)), x dtype, adapter dtype,
 def _child(path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run by the tests with TRITON_INTERPRET=1"
     import triton_mm_cases
+    import triton_model_cases
     from qpass.log import quiet_third_party
 
     quiet_third_party()
     results = {"kernel": {name: _kernel_case(*spec) for name, spec in KERNEL_CASES.items()},
                "siblings": {name: _sibling_case(*spec) for name, spec in SIBLING_CASES.items()},
                "fake": _fake_and_opcheck(), "traced": _traced_on_fake_cuda(), "choose": _choose(),
-               "mm": triton_mm_cases.results()}
+               "mm": triton_mm_cases.results(), "model": triton_model_cases.results()}
     with open(path, "w") as f:
         json.dump(results, f)
 

@@ -90,8 +90,13 @@ class TritonBase(Base):
         return list(y.split([s.info.out_features for s in self.sites], -1)) if len(self.sites) > 1 else [y]
 
 
+# The device types the Triton lowerings take: CUDA. tests/test_triton.py's interpreter child adds "cpu" to compile
+# whole models onto them (Triton's interpreter runs the kernels on CPU tensors).
+DEVICES = ("cuda",)
+
+
 def _cuda_act(x) -> bool:
-    return x.device.type == "cuda" and x.dtype in _ACT_DTYPES
+    return x.device.type in DEVICES and x.dtype in _ACT_DTYPES
 
 
 class GemvCuda:
