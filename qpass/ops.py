@@ -107,7 +107,9 @@ def _backward(ctx, grad):
     gx, gxa, gtrain = vjp(grad)
     it = iter(gtrain)
     gadapter = [next(it) if flt else None for flt in float_adapter]
-    return gx, list(gxa), [None] * n_base, gadapter, None, None, None
+    # one entry per input as called: torch 2.11's dispatcher drops a trailing `pooled` equal to its default and
+    # then wants no entry for it (2.14 takes either count)
+    return (gx, list(gxa), [None] * n_base, gadapter, None, None, None)[: len(ctx.needs_input_grad)]
 
 
 site_op.register_autograd(_backward, setup_context=_setup_context)
