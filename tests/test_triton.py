@@ -206,6 +206,27 @@ def test_model_compiled_onto_a_triton_lowering_matches_peft(interpreted, case):
     judge(case, interpreted["model"][case])
 
 
+# ---- Triton's compiler, not its interpreter (scripts/triton_aot_check.py) --------------------------------------
+
+
+def test_one_launch_of_each_kernel_compiles_for_sm90(tmp_path):
+    """The interpreter runs what the GPU compiler may reject: one launch of each of the four kernels, as qpass issues
+    them for the GPU benchmark's q/k/v (act-order GPTQ, bf16: decode, prefill with the up-projection folded, dx),
+    compiled by Triton and ptxas for sm_90 (H100/H200) without a GPU, within its shared memory per block. The script
+    checks every launch of every workload for sm_90, sm_80 and sm_89, where float32 tiles do not fit a block and
+    qpass falls back to smaller ones."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "triton_aot_check.py")
+    out = tmp_path / "summary.json"
+    args = ["--dtypes", "bf16", "--arch", "90", "--kinds", "gptq-act", "--sites", "qkv", "--one-per-kernel"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, *args, "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())["90"]
+    assert r["launches"] == r["compiled"] == 4 and r["refused"] == 0 and r["failures"] == [], r
+    assert 0 < r["max_shared"] <= 232448
+
+
 # ---- the child: everything below runs under TRITON_INTERPRET=1 -----------------------------------------------
 
 

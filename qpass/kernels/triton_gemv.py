@@ -29,7 +29,7 @@ tensors (the tests do; nothing else may pass CPU tensors).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .triton_int4 import ACT_DTYPES, SCALE_DTYPES  # noqa: F401 (public: the dtypes the op takes)
-from .triton_int4 import block_k, check_sites, codes, round_to, weights, zero_shift
+from .triton_int4 import block_k, check_sites, codes, launch_first_fitting, round_to, weights, zero_shift
 
 BLOCK_M = 16  # rows of x per program (tl.dot's smallest M); decode steps have at most 16
 BLOCK_N = 64  # output columns per program
@@ -153,17 +153,31 @@ class Plan:
     split: int  # K slices
     kb_per: int  # K blocks per slice
     block_r: int
+    stages: int = 3  # software pipeline depth (num_stages)
 
 
-def plan(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: int) -> Plan:
+def plan(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: int, max_block_k: int = 128,
+         stages: int = 3) -> Plan:
     """K block, slices and rank block for one site; `programs`: how many programs fill the device."""
     per_block = in_order and group % 16 == 0 and k % group == 0
-    bk = block_k(k, group if per_block else None)
+    bk = block_k(k, group if per_block else None, tuple(b for b in (128, 64, 32, 16) if b <= max_block_k))
     blocks = k // bk
     split = max(1, min(blocks, triton.cdiv(programs, triton.cdiv(n, BLOCK_N) * triton.cdiv(m, BLOCK_M))))
     kb_per = triton.cdiv(blocks, split)
     block_r = max(16, min(64, triton.next_power_of_2(max(r, 1))))
-    return Plan(bk, per_block, triton.cdiv(blocks, kb_per), kb_per, block_r)
+    return Plan(bk, per_block, triton.cdiv(blocks, kb_per), kb_per, block_r, stages)
+
+
+def plans(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: int) -> list:
+    """The plan, then plans needing less shared memory, for GPUs whose blocks have less (launch_first_fitting):
+    two pipeline stages, then K blocks of at most 64 and 32. float32 x at K blocks of 128 needs 112 KB; sm_86 /
+    sm_89 blocks get 99 KB (scripts/triton_aot_check.py)."""
+    first = plan(m, k, n, r, group, in_order, programs)
+    out = [first, replace(first, stages=2)]
+    for cap in (64, 32):
+        if out[-1].block_k > cap:
+            out.append(plan(m, k, n, r, group, in_order, programs, max_block_k=cap, stages=2))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,21 +193,28 @@ def _site(x, out, qweight, qzeros, scales, g_idx, bias, group, awq, lora) -> Non
     m, k = x.shape
     n = scales.shape[1]
     r = lora[0].shape[0] if lora else 0
-    p = plan(m, k, n, r, group, g_idx is None, _programs(x.device))
-    part = torch.empty((p.split, m, n), device=x.device, dtype=torch.float32)
-    tpart = torch.empty((p.split, m, r), device=x.device, dtype=torch.float32) if lora else part
-    grid = (triton.cdiv(n, BLOCK_N) + (triton.cdiv(r, p.block_r) if lora else 0), p.split, triton.cdiv(m, BLOCK_M))
+    candidates = plans(m, k, n, r, group, g_idx is None, _programs(x.device))
     # half-precision x: every dot operand is exact in tf32 (module docstring); float32 x: IEEE products
     fp32 = x.dtype == torch.float32
-    _partial_kernel[grid](
-        x, qweight, qzeros, scales, g_idx if g_idx is not None else scales, lora[0] if lora else x, part, tpart,
-        m, k, n, r, p.kb_per, GROUP=group, AWQ=awq, G_IDX=g_idx is not None, PER_BLOCK=p.per_block,
-        X_FP32=fp32, PRECISION="ieee" if fp32 else "tf32", HAS_LORA=bool(lora), BLOCK_K=p.block_k, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_R=p.block_r)
-    _epilogue_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M))](
-        part, tpart, lora[1] if lora else part, lora[2] if lora else part, bias if bias is not None else part, out,
-        m, n, r, p.split, out.stride(0), HAS_LORA=bool(lora), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_R=p.block_r)
+    flags = dict(GROUP=group, AWQ=awq, G_IDX=g_idx is not None, X_FP32=fp32, PRECISION="ieee" if fp32 else "tf32",
+                 HAS_LORA=bool(lora))
+
+    def launch(p: Plan) -> None:
+        part = torch.empty((p.split, m, n), device=x.device, dtype=torch.float32)
+        tpart = torch.empty((p.split, m, r), device=x.device, dtype=torch.float32) if lora else part
+        grid = (triton.cdiv(n, BLOCK_N) + (triton.cdiv(r, p.block_r) if lora else 0), p.split,
+                triton.cdiv(m, BLOCK_M))
+        _partial_kernel[grid](
+            x, qweight, qzeros, scales, g_idx if g_idx is not None else scales, lora[0] if lora else x, part, tpart,
+            m, k, n, r, p.kb_per, PER_BLOCK=p.per_block, BLOCK_K=p.block_k, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_R=p.block_r, num_stages=p.stages, **flags)
+        _epilogue_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M))](
+            part, tpart, lora[1] if lora else part, lora[2] if lora else part, bias if bias is not None else part,
+            out, m, n, r, p.split, out.stride(0), HAS_LORA=bool(lora), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, BLOCK_R=p.block_r)
+
+    key = ("gemv", x.device, x.dtype, scales.dtype, candidates[0], *flags.values())
+    launch_first_fitting(key, candidates, launch)
 
 
 # ---- the op: what graphs call (a fake kernel for tracing; no autograd formula: decode graphs only) ---------

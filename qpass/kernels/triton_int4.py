@@ -18,6 +18,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,6 +71,27 @@ def round_to(v, DTYPE: tl.constexpr):
 def block_k(k: int, group, sizes=(128, 64, 32, 16)) -> int:
     """The largest of `sizes` dividing K, and the group when one is given."""
     return next(b for b in sizes if k % b == 0 and (group is None or group % b == 0))
+
+
+_FITTING: dict = {}  # launch key -> index of the first configuration that fitted the device
+
+
+def launch_first_fitting(key, configs: list, launch) -> None:
+    """`launch(configs[i])` for the first i whose kernel fits the device. Triton raises OutOfResources when it loads
+    a kernel that needs more shared memory than one block may use (fp32 tiles on a GPU with 99 KB per block, say),
+    before anything runs; the next, smaller configuration is tried. The index found is kept per `key`, so later
+    calls, and the capture of a CUDA graph (after its warm-up calls), go straight to it."""
+    i = _FITTING.get(key, 0)
+    while True:
+        try:
+            launch(configs[i])
+        except OutOfResources:
+            if i + 1 == len(configs):
+                raise
+            i += 1
+        else:
+            _FITTING[key] = i
+            return
 
 
 def in_features(qweight: torch.Tensor, awq: bool) -> int:

@@ -28,14 +28,14 @@ kernels on CPU tensors (the tests do; nothing else may pass CPU tensors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_int4 import block_k, check_sites, codes, in_features, round_to, weights, zero_shift
+from .triton_int4 import block_k, check_sites, codes, in_features, launch_first_fitting, round_to, weights, zero_shift
 
 GROUP_M = tl.constexpr(8)  # row blocks per band of the grouped program order
 BLOCK_R = tl.constexpr(16)  # rank chunk of the folded up-projection (tl.dot's smallest K)
@@ -142,6 +142,7 @@ class Tiles:
     block_k: int
     per_block: bool  # the K block lies in one group (groups in order): the exact-code path
     warps: int
+    stages: int = 3  # software pipeline depth (num_stages)
 
 
 def tiles(m: int, k: int, n: int, group: int, in_order: bool) -> Tiles:
@@ -150,6 +151,18 @@ def tiles(m: int, k: int, n: int, group: int, in_order: bool) -> Tiles:
     bm = _block_m(m)
     bn = 64 if n <= 64 else 128
     return Tiles(bm, bn, block_k(k, group if per_block else None, (64, 32, 16)), per_block, _warps(bm, bn))
+
+
+def smaller(t: Tiles) -> list:
+    """`t`, then tiles needing less shared memory, for GPUs whose blocks have less (launch_first_fitting): two
+    pipeline stages, then half the K block (it still divides K and the group), then half the rows. float32 tiles
+    at their largest need 160 KB; 99 KB is what sm_86 / sm_89 blocks get (scripts/triton_aot_check.py)."""
+    out = [t, replace(t, stages=2)]
+    if t.block_k >= 32:
+        out.append(replace(out[-1], block_k=t.block_k // 2))
+    if t.block_m >= 32:
+        out.append(replace(out[-1], block_m=t.block_m // 2, warps=_warps(t.block_m // 2, t.block_n)))
+    return out
 
 
 def _block_m(m: int) -> int:
@@ -170,14 +183,20 @@ def _forward(x, out, qweight, qzeros, scales, g_idx, bias, group, awq, up) -> No
     """One site's columns of `out` (a column slice of the op's output)."""
     m, k = x.shape
     n = scales.shape[1]
-    p = tiles(m, k, n, group, g_idx is None)
+    first = tiles(m, k, n, group, g_idx is None)
     t, u = up if up else (x, x)
-    grid = (triton.cdiv(m, p.block_m) * triton.cdiv(n, p.block_n),)
-    _mm_kernel[grid](x, qweight, qzeros, scales, g_idx if g_idx is not None else scales,
-                     bias if bias is not None else scales, t, u, out, m, k, n, t.shape[1] if up else 0,
-                     out.stride(0), GROUP=group, AWQ=awq, G_IDX=g_idx is not None, PER_BLOCK=p.per_block,
-                     DOT_F32=_dot_f32(x), HAS_BIAS=bias is not None, HAS_UP=bool(up), BLOCK_M=p.block_m,
-                     BLOCK_N=p.block_n, BLOCK_K=p.block_k, num_warps=p.warps, num_stages=3)
+    flags = dict(GROUP=group, AWQ=awq, G_IDX=g_idx is not None, DOT_F32=_dot_f32(x), HAS_BIAS=bias is not None,
+                 HAS_UP=bool(up))
+
+    def launch(p: Tiles) -> None:
+        grid = (triton.cdiv(m, p.block_m) * triton.cdiv(n, p.block_n),)
+        _mm_kernel[grid](x, qweight, qzeros, scales, g_idx if g_idx is not None else scales,
+                         bias if bias is not None else scales, t, u, out, m, k, n, t.shape[1] if up else 0,
+                         out.stride(0), PER_BLOCK=p.per_block, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+                         BLOCK_K=p.block_k, num_warps=p.warps, num_stages=p.stages, **flags)
+
+    key = ("mm", x.device, x.dtype, scales.dtype, first, *flags.values())
+    launch_first_fitting(key, smaller(first), launch)
 
 
 def _dx(dy, prev, out, qweight, qzeros, scales, g_idx, group, awq) -> None:
@@ -185,11 +204,18 @@ def _dx(dy, prev, out, qweight, qzeros, scales, g_idx, group, awq) -> None:
     m, n = dy.shape
     k = out.shape[1]
     bm, bk = _block_m(m), block_k(k, None, (64, 32, 16))
-    grid = (triton.cdiv(m, bm) * (k // bk),)
-    _dx_kernel[grid](dy, qweight, qzeros, scales, g_idx if g_idx is not None else scales,
-                     prev if prev is not None else out, out, m, k, n, dy.stride(0), GROUP=group, AWQ=awq,
-                     G_IDX=g_idx is not None, DOT_F32=_dot_f32(dy), HAS_PREV=prev is not None, BLOCK_M=bm,
-                     BLOCK_N=64, BLOCK_K=bk, num_warps=_warps(bm, bk), num_stages=3)
+    first = Tiles(bm, 64, bk, False, _warps(bm, bk))  # block_n: the reduced N, in chunks of 64
+    flags = dict(GROUP=group, AWQ=awq, G_IDX=g_idx is not None, DOT_F32=_dot_f32(dy), HAS_PREV=prev is not None)
+
+    def launch(p: Tiles) -> None:
+        grid = (triton.cdiv(m, p.block_m) * (k // p.block_k),)
+        _dx_kernel[grid](dy, qweight, qzeros, scales, g_idx if g_idx is not None else scales,
+                         prev if prev is not None else out, out, m, k, n, dy.stride(0), BLOCK_M=p.block_m,
+                         BLOCK_N=p.block_n, BLOCK_K=p.block_k, num_warps=_warps(p.block_m, p.block_k),
+                         num_stages=p.stages, **flags)
+
+    key = ("dx", dy.device, dy.dtype, out.dtype, scales.dtype, first, *flags.values())
+    launch_first_fitting(key, smaller(first), launch)
 
 
 # ---- the ops: what graphs call (fake kernels for tracing; the forward's autograd formula) ---------------------
