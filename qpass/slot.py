@@ -165,20 +165,22 @@ class AdapterSlot(nn.Module):
             owner = owner._modules[part]
         owner.register_parameter(leaf, value)
 
+    def _owner(self, dotted: str) -> tuple:
+        """(the module holding tensor `dotted`, its name there)."""
+        owner = self
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            owner = owner._modules[part]
+        return owner, leaf
+
     def adoptable(self, dotted: str) -> bool:
         """Whether qpass may move tensor `dotted` into a pool: not a parameter someone else put on a holder
         (FSDP2's sharded or unsharded parameters; _Holder.register_parameter)."""
-        owner = self
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            owner = owner._modules[part]
+        owner, leaf = self._owner(dotted)
         return not isinstance(owner, _Holder) or leaf not in owner._parameters or owner.registered(leaf)
 
     def get(self, dotted: str) -> torch.Tensor:
-        owner = self
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            owner = owner._modules[part]
+        owner, leaf = self._owner(dotted)
         return getattr(owner, leaf)
 
     def tensors(self) -> list:

@@ -31,10 +31,10 @@ peft = pytest.importorskip("peft")
 import qpass
 from qpass import lowering
 
-from adapter_parity import assert_close, max_rel, randomize, trainable
+from adapter_parity import assert_close, max_rel, randomize, sgd_updates, trainable
 from conftest import input_ids
 from triton_mm_cases import MM_CASES, mm_case
-from triton_model_cases import BASES, MODEL_CASES, judge, model_case, peft_oracle, updates
+from triton_model_cases import BASES, MODEL_CASES, judge, model_case, peft_oracle
 
 DEVICE = "cuda"
 DECODE_LOWERING = "gemv-cuda"  # what the report shows for decode-shaped graphs on this device
@@ -124,8 +124,9 @@ def test_sgd_step_matches_peft(kind, dtype, tol, tmp_path):
     dtype = DTYPES[dtype]
     oracle, path = _peft_and_dir(kind, dtype, tmp_path, peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL))
     ids, labels = _ids(2, 12, seed=1), _ids(2, 12, seed=2)
-    ref = updates(peft.PeftModel.from_pretrained(BASES[kind][1](dtype, DEVICE), path, is_trainable=True), ids, labels)
-    ours = updates(qpass.compile(BASES[kind][0](dtype, DEVICE), path), ids, labels)
+    ref = sgd_updates(peft.PeftModel.from_pretrained(BASES[kind][1](dtype, DEVICE), path, is_trainable=True), ids,
+                      labels)
+    ours = sgd_updates(qpass.compile(BASES[kind][0](dtype, DEVICE), path), ids, labels)
     assert len(ours) == len(ref) > 0
     assert max_rel(ours, ref) < tol
 

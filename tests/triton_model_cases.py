@@ -11,7 +11,7 @@ Run twice:
 So the rewrite, the per-graph choice, the sibling calls, the folded up-projection and int4_mm's backward under
 AOTAutograd run on every machine; inductor's Triton code generation and CUDA graphs only on a GPU.
 
-Also shared with test_cuda.py: the bases (`BASES`), the PEFT oracle (`peft_oracle`) and one SGD step (`updates`).
+Also shared with test_cuda.py: the bases (`BASES`) and the PEFT oracle (`peft_oracle`).
 Every function imports torch, PEFT and qpass itself: the pytest process imports this module without running them.
 """
 
@@ -91,20 +91,6 @@ def ids(batch, seq, seed, device):
     return input_ids(batch=batch, seq=seq, seed=seed).to(device)
 
 
-def updates(model, x, labels, lr=0.5) -> dict:
-    """One SGD step on the trainable tensors; {name: update} in float32."""
-    import torch
-
-    from adapter_parity import trainable
-
-    params = trainable(model)
-    before = {k: p.detach().clone() for k, p in params.items()}
-    opt = torch.optim.SGD(list(params.values()), lr=lr)
-    model(input_ids=x, labels=labels).loss.backward()
-    opt.step()
-    return {k: (p.detach() - before[k]).float() for k, p in params.items()}
-
-
 def model_case(lowering, kind, dtype, what, device="cpu", inner="aot_eager") -> dict:
     """One MODEL_CASES entry on `device`, compiled with `inner` behind qpass's backend: the errors against PEFT,
     the report's lowerings and the bytes of repacked weights."""
@@ -114,7 +100,7 @@ def model_case(lowering, kind, dtype, what, device="cpu", inner="aot_eager") -> 
     import torch
 
     import qpass
-    from adapter_parity import max_err, max_rel
+    from adapter_parity import max_err, max_rel, sgd_updates
     from qpass import lowering as lowerings
 
     dtype = getattr(torch, dtype)
@@ -132,8 +118,8 @@ def model_case(lowering, kind, dtype, what, device="cpu", inner="aot_eager") -> 
         else:
             x, labels = ids(2, 12, 1, device), ids(2, 12, 2, device)
             base = BASES[kind][1](dtype, device)
-            ref = updates(peft.PeftModel.from_pretrained(base, path, is_trainable=True), x, labels)
-            ours = updates(compiled, x, labels)
+            ref = sgd_updates(peft.PeftModel.from_pretrained(base, path, is_trainable=True), x, labels)
+            ours = sgd_updates(compiled, x, labels)
             out["tensors"], out["rel"] = len(ours), max_rel(ours, ref)
     out["bases"] = [r.base for r in qpass.report(model).rows if r.base]
     out["repacked"] = lowerings.repacked_bytes(list(model._qpass.sites.values()))

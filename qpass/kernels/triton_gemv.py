@@ -168,7 +168,8 @@ def plan(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: i
     return Plan(bk, per_block, triton.cdiv(blocks, kb_per), kb_per, block_r, stages)
 
 
-def plans(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: int) -> list:
+@functools.lru_cache(maxsize=None)
+def plans(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: int) -> tuple:
     """The plan, then plans needing less shared memory, for GPUs whose blocks have less (launch_first_fitting):
     two pipeline stages, then K blocks of at most 64 and 32. float32 x at K blocks of 128 needs 112 KB; sm_86 /
     sm_89 blocks get 99 KB (scripts/triton_aot_check.py)."""
@@ -177,7 +178,7 @@ def plans(m: int, k: int, n: int, r: int, group: int, in_order: bool, programs: 
     for cap in (64, 32):
         if out[-1].block_k > cap:
             out.append(plan(m, k, n, r, group, in_order, programs, max_block_k=cap, stages=2))
-    return out
+    return tuple(out)  # cached: one lookup per launch
 
 
 @functools.lru_cache(maxsize=None)

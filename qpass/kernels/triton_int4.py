@@ -76,7 +76,7 @@ def block_k(k: int, group, sizes=(128, 64, 32, 16)) -> int:
 _FITTING: dict = {}  # launch key -> index of the first configuration that fitted the device
 
 
-def launch_first_fitting(key, configs: list, launch) -> None:
+def launch_first_fitting(key, configs, launch) -> None:
     """`launch(configs[i])` for the first i whose kernel fits the device. Triton raises OutOfResources when it loads
     a kernel that needs more shared memory than one block may use (fp32 tiles on a GPU with 99 KB per block, say),
     before anything runs; the next, smaller configuration is tried. The index found is kept per `key`, so later

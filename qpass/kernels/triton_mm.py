@@ -28,6 +28,7 @@ kernels on CPU tensors (the tests do; nothing else may pass CPU tensors).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -153,7 +154,8 @@ def tiles(m: int, k: int, n: int, group: int, in_order: bool) -> Tiles:
     return Tiles(bm, bn, block_k(k, group if per_block else None, (64, 32, 16)), per_block, _warps(bm, bn))
 
 
-def smaller(t: Tiles) -> list:
+@functools.lru_cache(maxsize=None)
+def smaller(t: Tiles) -> tuple:
     """`t`, then tiles needing less shared memory, for GPUs whose blocks have less (launch_first_fitting): two
     pipeline stages, then half the K block (it still divides K and the group), then half the rows. float32 tiles
     at their largest need 160 KB; 99 KB is what sm_86 / sm_89 blocks get (scripts/triton_aot_check.py)."""
@@ -162,7 +164,7 @@ def smaller(t: Tiles) -> list:
         out.append(replace(out[-1], block_k=t.block_k // 2))
     if t.block_m >= 32:
         out.append(replace(out[-1], block_m=t.block_m // 2, warps=_warps(t.block_m // 2, t.block_n)))
-    return out
+    return tuple(out)  # cached: one lookup per launch
 
 
 def _block_m(m: int) -> int:
